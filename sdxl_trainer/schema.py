@@ -1,0 +1,167 @@
+"""The one definition of every artifact a stage writes, and how it is written and checked.
+
+Every Parquet file carries, in its schema metadata under ``sdxl_trainer``, a JSON document with
+``artifact`` (its kind), ``schema_version``, ``package_version``, ``created`` and ``config`` (the
+config of the stage that wrote it). JSON artifacts carry the same keys at top level. A later stage
+calls :func:`read_table` / :func:`read_json` with the kind it expects and gets a clear error for a
+missing, foreign or out-of-date artifact instead of training on garbage.
+
+Writes are atomic: a temporary file in the same folder, fsync, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sdxl_trainer import __version__
+from sdxl_trainer.errors import UserError
+
+SCHEMA_VERSION = 1
+META_KEY = b"sdxl_trainer"
+
+# ── manifest.parquet (prep scan): one row per image file found, kept or not ─────────────────
+MANIFEST_STATUSES = ("ok", "skipped", "duplicate")
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # content hash (blake2b-128 of the file bytes, hex): stable across renames
+        ("path", pa.string()),  # relative to the data dir (POSIX), or "<split>/<row>" for a HF dataset
+        ("status", pa.string()),  # ok | skipped | duplicate
+        ("reason", pa.string()),  # why skipped / which id it duplicates; null when ok
+        ("duplicate_of", pa.string()),  # id of the kept copy, for status == duplicate
+        ("format", pa.string()),  # PIL format name (JPEG, PNG, ...)
+        ("mode", pa.string()),  # PIL mode as stored in the file (RGB, RGBA, P, CMYK, I;16, ...)
+        ("conversion", pa.string()),  # how it becomes RGB at cache time, e.g. "alpha over white"
+        ("width", pa.int32()),  # as displayed, after EXIF orientation
+        ("height", pa.int32()),
+        ("exif_orientation", pa.int8()),  # 1..8; 1 = none
+        ("n_frames", pa.int32()),  # >1 for animated GIF/WebP (first frame used)
+        ("bucket_width", pa.int32()),
+        ("bucket_height", pa.int32()),
+        ("tags", pa.list_(pa.string())),
+        ("caption", pa.string()),  # the sidecar text as read (whitespace-normalised)
+        ("caption_kind", pa.string()),  # tags | caption | none
+        ("flags", pa.list_(pa.string())),  # caption_missing, caption_empty, caption_non_utf8, ...
+        ("n_chunks", pa.int32()),  # 75-token chunks the caption needs (null without a tokenizer)
+        ("file_size", pa.int64()),
+        ("mtime_ns", pa.int64()),  # with file_size: decides whether a rescan re-reads the file
+        ("caption_mtime_ns", pa.int64()),
+    ]
+)
+
+TAGS_SCHEMA = pa.schema([("tag", pa.string()), ("count", pa.int64())])
+
+
+def artifact_meta(artifact: str, config: Any) -> dict[str, Any]:
+    """The provenance record stored with every artifact."""
+    if hasattr(config, "model_dump"):
+        config = config.model_dump(mode="json")
+    return {
+        "artifact": artifact,
+        "schema_version": SCHEMA_VERSION,
+        "package_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+    }
+
+
+def _atomic_target(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
+def _replace(tmp: str, path: Path) -> None:
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_table(table: pa.Table, path: Path, *, artifact: str, config: Any, extra: dict | None = None) -> None:
+    """Write ``table`` to ``path`` atomically with the provenance record in its metadata."""
+    meta = artifact_meta(artifact, config)
+    if extra:
+        meta.update(extra)
+    existing = dict(table.schema.metadata or {})
+    existing[META_KEY] = json.dumps(meta).encode()
+    table = table.replace_schema_metadata(existing)
+    fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(obj: dict, path: Path, *, artifact: str, config: Any) -> None:
+    """Write a JSON artifact atomically; provenance keys sit beside the payload."""
+    doc = artifact_meta(artifact, config)
+    doc.update(obj)
+    fd, tmp = _atomic_target(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_meta(meta: dict, path: Path, artifact: str, produced_by: str) -> None:
+    if meta.get("artifact") != artifact:
+        raise UserError(
+            f"expected a {artifact} artifact, found {meta.get('artifact')!r}",
+            where=str(path),
+            fix=f"point at the output of `{produced_by}`",
+        )
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(
+            f"schema version {meta.get('schema_version')} does not match this sdxl-trainer's {SCHEMA_VERSION}",
+            where=str(path),
+            fix=f"re-run `{produced_by}` with this version",
+        )
+
+
+def read_table(path: Path, *, artifact: str, produced_by: str) -> tuple[pa.Table, dict]:
+    """Read a Parquet artifact and its provenance record, refusing a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{artifact} not found", where=str(path), fix=f"run `{produced_by}` first")
+    table = pq.read_table(path)
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise UserError(
+            "this Parquet file was not written by sdxl-trainer", where=str(path), fix=f"run `{produced_by}`"
+        )
+    meta = json.loads(raw)
+    _check_meta(meta, path, artifact, produced_by)
+    return table, meta
+
+
+def read_json(path: Path, *, artifact: str, produced_by: str) -> dict:
+    """Read a JSON artifact, refusing a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{artifact} not found", where=str(path), fix=f"run `{produced_by}` first")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"not valid JSON ({e})", where=str(path), fix=f"re-run `{produced_by}`") from e
+    _check_meta(doc, path, artifact, produced_by)
+    return doc
