@@ -165,3 +165,28 @@ def read_json(path: Path, *, artifact: str, produced_by: str) -> dict:
         raise UserError(f"not valid JSON ({e})", where=str(path), fix=f"re-run `{produced_by}`") from e
     _check_meta(doc, path, artifact, produced_by)
     return doc
+
+
+# ── tag_weights.parquet and tag_stats.parquet (prep weights): tag-frequency loss weights ──────
+# docs/tag-weights.md gives the formula. tag_weights holds one row per ok manifest image; the
+# weights' mean over all rows is 1, so a trainer multiplying per-sample losses by them keeps the
+# loss scale and learning rate meaning the same thing.
+TAG_WEIGHTS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # manifest id (status == ok)
+        ("weight", pa.float64()),  # per-sample loss multiplier; float64 so the mean is 1 to rounding
+        ("n_counted", pa.int32()),  # how many of the image's tags entered its weight (0 → weight is neutral)
+    ]
+)
+# Why a tag did or did not enter the weights: counted, ignored (on the ignore list or prefix),
+# rare (fewer images than min_count, too few to estimate a frequency from).
+TAG_ROLES = ("counted", "ignored", "rare")
+TAG_STATS_SCHEMA = pa.schema(
+    [
+        ("tag", pa.string()),
+        ("count", pa.int64()),  # ok images carrying the tag (a tag repeated in one caption counts once)
+        ("role", pa.string()),  # one of TAG_ROLES
+        ("weight", pa.float64()),  # the per-tag weight before per-image combination; null unless counted
+        ("effective_count", pa.float64()),  # sum of the final image weights of the images carrying the tag
+    ]
+)
