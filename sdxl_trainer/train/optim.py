@@ -1,0 +1,138 @@
+"""Optimisers and their parameter groups: AdamW (fused on CUDA), 8-bit AdamW, Adafactor.
+
+Parameter groups follow common practice: no weight decay on biases and normalisation weights
+(decaying a LayerNorm gain towards 0 only fights the normalisation), and the text encoders, when
+trained, get their own learning rate (they are usually trained 2–10× slower than the UNet or not at
+all). Each group carries a ``name`` and its ``base_lr``: the LR schedule scales ``base_lr`` into
+``lr`` every step, and both are saved with the optimiser's state, so a resumed run continues with
+the learning rates it had.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from sdxl_trainer.errors import UserError
+
+OptimizerName = Literal["adamw", "adamw8bit", "adafactor"]
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+
+# Parameters of these modules are scale/shift terms of a normalisation: never weight-decayed.
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()  # torch ≥ 2.4
+)
+
+
+def no_decay(module: nn.Module, param_name: str, param: torch.Tensor) -> bool:
+    """True for biases, normalisation weights and any other vector/scalar parameter."""
+    return param.ndim < 2 or param_name.endswith("bias") or isinstance(module, _NORM_TYPES)
+
+
+def _split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    decay, plain = [], []
+    seen: set[int] = set()
+    for _, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:  # tied weights appear under several modules
+                continue
+            seen.add(id(p))
+            (plain if no_decay(module, pname, p) else decay).append(p)
+    return decay, plain
+
+
+def param_groups(
+    *,
+    unet: nn.Module,
+    text_encoders: Sequence[nn.Module] = (),
+    lr: float,
+    text_encoder_lr: float | None = None,
+    weight_decay: float,
+) -> list[dict[str, Any]]:
+    """Groups for :func:`build_optimizer`: ``{unet,text_encoder}/{decay,no_decay}``, empty ones left out.
+
+    Only parameters with ``requires_grad`` are included (LoRA: just the adapters). Text encoders
+    are grouped only when they have trainable parameters; they then need ``text_encoder_lr``.
+    """
+    groups: list[dict[str, Any]] = []
+
+    def add(prefix: str, model: nn.Module, group_lr: float) -> None:
+        decay, plain = _split_decay(model)
+        for suffix, params, wd in (("decay", decay, weight_decay), ("no_decay", plain, 0.0)):
+            if params:
+                groups.append({"name": f"{prefix}/{suffix}", "params": params, "lr": group_lr,
+                               "base_lr": group_lr, "weight_decay": wd})
+
+    add("unet", unet, lr)
+    trained_te = [te for te in text_encoders if any(p.requires_grad for p in te.parameters())]
+    if trained_te and text_encoder_lr is None:
+        raise UserError(
+            "text encoders are trained but have no learning rate",
+            where="optimizer.text_encoder_lr",
+            fix="set a text encoder learning rate (often 2–10× below the UNet's), or freeze them",
+        )
+    for i, te in enumerate(trained_te):
+        add(f"text_encoder_{i + 1}" if len(trained_te) > 1 else "text_encoder", te, text_encoder_lr)
+    if not groups:
+        raise UserError("nothing to train: no parameter requires grad", fix="enable full finetune or LoRA")
+    return groups
+
+
+def _on_cuda(groups: Sequence[dict[str, Any]]) -> bool:
+    devices = {p.device.type for g in groups for p in g["params"]}
+    return devices == {"cuda"}
+
+
+def build_optimizer(
+    groups: Sequence[dict[str, Any]],
+    *,
+    name: OptimizerName,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """An optimiser over ``groups`` (per-group ``lr``/``weight_decay`` win over the defaults here).
+
+    - ``adamw``: ``torch.optim.AdamW``, the fused kernel when every parameter is on CUDA.
+    - ``adamw8bit``: ``bitsandbytes.optim.AdamW8bit`` (optional dependency, CUDA only).
+    - ``adafactor``: ``transformers.optimization.Adafactor`` with a fixed, scheduled ``lr``
+      (``relative_step=False, scale_parameter=False``) and no first moment (``beta1=None``), which is
+      what makes it small; ``betas`` and ``eps`` are AdamW's and Adafactor keeps its own defaults.
+    """
+    if name not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {name!r}", where="optimizer.name", fix=f"use one of {', '.join(OPTIMIZERS)}")
+    if lr <= 0:
+        raise UserError(f"learning rate {lr} must be > 0", where="optimizer.lr")
+    if not all(0.0 <= b < 1.0 for b in betas):
+        raise UserError(f"betas {tuple(betas)} must lie in [0, 1)", where="optimizer.betas")
+    groups = [dict(g) for g in groups]  # the optimiser keeps these dicts; don't alias the caller's
+    for g in groups:
+        g.setdefault("base_lr", g.get("lr", lr))
+    betas = tuple(betas)
+    if name == "adamw":
+        fused = _on_cuda(groups)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
+    if name == "adamw8bit":
+        bnb_optim = _import_bitsandbytes_optim()
+        return bnb_optim.AdamW8bit(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(
+        groups, lr=lr, weight_decay=weight_decay, relative_step=False, scale_parameter=False, warmup_init=False
+    )
+
+
+def _import_bitsandbytes_optim() -> Any:
+    try:
+        return importlib.import_module("bitsandbytes.optim")
+    except ImportError as e:
+        raise UserError(
+            f"optimizer adamw8bit needs bitsandbytes, which is not installed ({e})",
+            where="optimizer.name",
+            fix="pip install 'sdxl-trainer[gpu]' (needs a CUDA GPU), or use adamw or adafactor",
+        ) from e
