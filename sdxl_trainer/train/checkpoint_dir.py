@@ -224,6 +224,12 @@ def resolve_resume(run_dir: Path, spec: str | Path) -> Path:
                 fix="start without --resume, or give the checkpoint folder to resume from",
             )
         path = Path(run_dir) / CHECKPOINTS / name
+        if not path.is_dir():
+            raise UserError(
+                f"'latest' names checkpoint {name!r}, which is not found",
+                where=str(path.parent),
+                fix="it was moved or deleted: resume from another checkpoint folder (--resume PATH)",
+            )
     else:
         path = Path(spec)
         if read_latest(path) is not None:  # a run folder: its latest checkpoint
