@@ -42,17 +42,22 @@ def _expand(level: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return level.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def real(level: torch.Tensor) -> torch.Tensor:
+    """A level in at least fp32 (bf16/fp16 σ² overflows or rounds badly; fp64 stays fp64)."""
+    return level.to(torch.promote_types(level.dtype, torch.float32))
+
+
 # --- σ-space scalings (Karras et al. 2022, Table 1; k-diffusion VDenoiser / DiscreteEpsDDPMDenoiser) ---
 
 
 def c_in(sigma: torch.Tensor) -> torch.Tensor:
     """c_in = 1/√(σ² + 1) = √ᾱ (EDM Table 1, σ_data = 1); 0 at σ = ∞."""
-    return torch.rsqrt(1.0 + sigma.float() ** 2)
+    return torch.rsqrt(1.0 + real(sigma) ** 2)
 
 
 def c_noise_share(sigma: torch.Tensor) -> torch.Tensor:
     """σ/√(σ² + 1) = √(1 − ᾱ), computed as 1/√(1 + σ⁻²) so that σ = ∞ gives 1, not ∞/∞."""
-    return torch.rsqrt(1.0 + sigma.float() ** -2)
+    return torch.rsqrt(1.0 + real(sigma) ** -2)
 
 
 def c_skip_v(sigma: torch.Tensor) -> torch.Tensor:
@@ -67,19 +72,19 @@ def c_out_v(sigma: torch.Tensor) -> torch.Tensor:
 
 def c_skip_eps(sigma: torch.Tensor) -> torch.Tensor:
     """c_skip = 1 for an ε-prediction network (EDM Table 1, VP column)."""
-    return torch.ones_like(sigma, dtype=torch.float32)
+    return torch.ones_like(real(sigma))
 
 
 def c_out_eps(sigma: torch.Tensor) -> torch.Tensor:
     """c_out = −σ for an ε-prediction network (EDM Table 1, VP column)."""
-    return -sigma.float()
+    return -real(sigma)
 
 
 # --- training inputs ----------------------------------------------------------------------------
 
 
 def _sigma_info(sigma: torch.Tensor) -> LevelInfo:
-    sigma = sigma.float()
+    sigma = real(sigma)
     return LevelInfo(sigma=sigma, snr=sigma.pow(-2), t=sigma)
 
 
@@ -99,7 +104,7 @@ def v_training_inputs(x0, noise, sigma, *, sigmas, input_noise=None) -> Training
 
 def flow_training_inputs(x0, noise, t, *, sigmas=None, input_noise=None) -> TrainingInputs:
     """x_t = (1 − t)·x0 + t·ε, target ε − x0, UNet timestep 1000·t (Liu et al. 2023; Esser et al. 2024, eq. 3)."""
-    t = t.float()
+    t = real(t)
     te = _expand(t, x0)
     noisy = (1 - te) * x0 + te * (noise if input_noise is None else input_noise)
     info = LevelInfo(sigma=t / (1 - t), snr=((1 - t) / t) ** 2, t=t)
@@ -123,7 +128,7 @@ def v_to_x0_eps(output, noisy, sigma):
 
 def flow_to_x0_eps(output, noisy, t):
     """x0 = x_t − t·v̂, ε = x_t + (1 − t)·v̂ (from x_t = (1−t)·x0 + t·ε and v = ε − x0)."""
-    te = _expand(t.float(), noisy)
+    te = _expand(real(t), noisy)
     return noisy - te * output, noisy + (1 - te) * output
 
 
@@ -141,7 +146,7 @@ def discrete_denoiser(unet, *, prediction: str, sigmas: torch.Tensor, dtype: tor
     def denoise(x, sigma, **extra):
         xf = x.float()
         inp = _expand(c_in(sigma), xf) * xf
-        out = unet(inp if dtype is None else inp.to(dtype), sigma_to_t(sigma.float(), sigmas=sigmas), **extra)
+        out = unet(inp if dtype is None else inp.to(dtype), sigma_to_t(real(sigma), sigmas=sigmas), **extra)
         return _expand(c_skip(sigma), xf) * xf + _expand(c_out(sigma), xf) * out.float()
 
     return denoise
@@ -152,8 +157,8 @@ def flow_denoiser(unet, *, dtype: torch.dtype | None = None):
 
     def denoise(x, t, **extra):
         xf = x.float()
-        out = unet(xf if dtype is None else xf.to(dtype), FLOW_TIMESTEP_SCALE * t.float(), **extra)
-        return xf - _expand(t.float(), xf) * out.float()
+        out = unet(xf if dtype is None else xf.to(dtype), FLOW_TIMESTEP_SCALE * real(t), **extra)
+        return xf - _expand(real(t), xf) * out.float()
 
     return denoise
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .objectives import LevelInfo, Objective, c_in, c_noise_share
+from .objectives import LevelInfo, Objective, c_in, c_noise_share, real
 
 WEIGHTINGS = ("none", "min_snr")
 MIN_SNR_FORMS = ("objective", "hang")
@@ -20,7 +20,7 @@ MIN_SNR_FORMS = ("objective", "hang")
 
 def min_snr_eps(sigma: torch.Tensor, *, gamma: float) -> torch.Tensor:
     """min(SNR, γ)/SNR = min(1, γ·σ²) (Hang et al. 2023, §3.4, ε-prediction form)."""
-    return (gamma * sigma.float() ** 2).clamp(max=1.0)
+    return (gamma * real(sigma) ** 2).clamp(max=1.0)
 
 
 def min_snr_v(sigma: torch.Tensor, *, gamma: float) -> torch.Tensor:
@@ -35,12 +35,12 @@ def min_snr_v_plus_one(sigma: torch.Tensor, *, gamma: float) -> torch.Tensor:
 
 def min_snr_flow(t: torch.Tensor, *, gamma: float) -> torch.Tensor:
     """min(1/t², γ)/(1/t²) = min(1, γ·t²): flow's MSE weights the x0 error by 1/t² (docs/diffusion.md eq. W4)."""
-    return (gamma * t.float() ** 2).clamp(max=1.0)
+    return (gamma * real(t) ** 2).clamp(max=1.0)
 
 
 def min_snr_flow_hang(t: torch.Tensor, *, gamma: float) -> torch.Tensor:
     """min(SNR, γ)·t² = min((1 − t)², γ·t²), SNR = ((1−t)/t)²: Hang's form for flow; 0 at t = 1."""
-    t = t.float()
+    t = real(t)
     return torch.minimum((1 - t) ** 2, gamma * t**2)
 
 
@@ -56,7 +56,7 @@ def build_loss_weight(objective: Objective, *, kind: str = "none", gamma: float 
     if kind == "none":
 
         def base(info: LevelInfo) -> torch.Tensor:
-            return torch.ones_like(info.sigma, dtype=torch.float32)
+            return torch.ones_like(real(info.sigma))
 
     elif objective.prediction == "flow":
         flow_fn = min_snr_flow if form == "objective" else min_snr_flow_hang
