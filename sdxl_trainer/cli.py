@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from sdxl_trainer import __version__, console
-from sdxl_trainer.config import ScanConfig, load_config
+from sdxl_trainer.config import CacheConfig, ScanConfig, StatsConfig, WeightsConfig, load_config
 from sdxl_trainer.errors import UserError
 
 app = typer.Typer(
@@ -101,6 +101,82 @@ def scan(
         },
     )
     stage.run(cfg)
+
+
+@prep_app.command("stats")
+@user_errors
+def stats(
+    work: Path = typer.Argument(..., help="Work directory holding manifest.parquet."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="SDXL diffusers folder (its VAE is used)."),
+    vae: Optional[Path] = typer.Option(None, help="A separate diffusers AutoencoderKL folder."),
+    max_images: Optional[int] = typer.Option(None, help="Measure a seeded random subset (0 = all)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per VAE call."),
+    dtype: Optional[str] = typer.Option(None, help="VAE precision: fp32 | bf16 | fp16."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
+    seed: Optional[int] = typer.Option(None, help="Subset choice and posterior draws."),
+    config: Optional[Path] = CONFIG_OPT,
+) -> None:
+    """Per-channel mean/std of raw VAE latents → WORK/latent_stats.json."""
+    from sdxl_trainer.prep import stats as stage
+
+    overrides = {"work": work, "model": model, "vae": vae, "max_images": max_images, "batch_size": batch_size,
+                 "dtype": dtype, "device": device, "seed": seed}  # fmt: skip
+    stage.run(load_config(StatsConfig, config, overrides))
+
+
+@prep_app.command("cache")
+@user_errors
+def cache(
+    work: Path = typer.Argument(..., help="Work directory holding manifest.parquet; receives cache/."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="SDXL diffusers folder."),
+    vae: Optional[Path] = typer.Option(None, help="A separate diffusers AutoencoderKL folder."),
+    vae_dtype: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (fp16 only with a fixed VAE)."),
+    text_dtype: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per VAE call."),
+    crop: Optional[str] = typer.Option(None, help="center | random (the crop is recorded)."),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Also cache the mirrored latent."),
+    max_chunks: Optional[int] = typer.Option(None, help="75-token chunks per prompt (default 3)."),
+    variants: Optional[int] = typer.Option(None, help="Caption variants per image (default 4)."),
+    keep_first: Optional[int] = typer.Option(None, help="First K tags never shuffled or dropped."),
+    max_dropout: Optional[float] = typer.Option(None, help="Largest share of free tags a variant drops."),
+    caption_prob: Optional[float] = typer.Option(None, help="Chance a variant uses the caption over the tags."),
+    shard_max_mb: Optional[int] = typer.Option(None, help="Close a shard at this size."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Rebuild a cache made with other settings."),
+    verify: bool = typer.Option(False, "--verify", help="Re-check row counts, shapes and finiteness afterwards."),
+    config: Optional[Path] = CONFIG_OPT,
+) -> None:
+    """Latents + chunked CLIP text embeddings of every kept image → WORK/cache/ (resumable)."""
+    from sdxl_trainer.prep import cache as stage
+
+    overrides = {"work": work, "model": model, "vae": vae, "vae_dtype": vae_dtype, "text_dtype": text_dtype,
+                 "device": device, "batch_size": batch_size, "crop": crop, "flip": flip, "max_chunks": max_chunks,
+                 "variants.count": variants, "variants.keep_first": keep_first, "variants.max_dropout": max_dropout,
+                 "variants.caption_prob": caption_prob, "shard_max_mb": shard_max_mb, "overwrite": overwrite}  # fmt: skip
+    stage.run(load_config(CacheConfig, config, overrides), verify_after=verify)
+
+
+@prep_app.command("weights")
+@user_errors
+def weights(
+    work: Path = typer.Argument(..., help="Work directory holding manifest.parquet."),
+    alpha: Optional[float] = typer.Option(None, help="Strength: tag weight = (count / reference)^-alpha (0 = off)."),
+    min_count: Optional[int] = typer.Option(None, help="Tags on fewer images are not weighed."),
+    clip_min: Optional[float] = typer.Option(None, help="Smallest per-tag weight."),
+    clip_max: Optional[float] = typer.Option(None, help="Largest per-tag weight."),
+    combine: Optional[str] = typer.Option(None, help="Per image: geometric | arithmetic | max."),
+    ignore_tag: Optional[list[str]] = typer.Option(None, help="A tag never weighed (repeatable; replaces the default list)."),
+    ignore_prefix: Optional[list[str]] = typer.Option(None, help="Tags starting with this are never weighed (repeatable)."),
+    show: Optional[int] = typer.Option(None, help="Rows in the printed tables."),
+    config: Optional[Path] = CONFIG_OPT,
+) -> None:
+    """Tag-frequency loss weights (rare tags lifted, common ones attenuated) → WORK/tag_weights.parquet."""
+    from sdxl_trainer.prep import weights as stage
+
+    overrides = {"work": work, "alpha": alpha, "min_count": min_count, "clip_min": clip_min, "clip_max": clip_max,
+                 "combine": combine, "ignore_tags": ignore_tag or None, "ignore_prefixes": ignore_prefix or None,
+                 "show": show}  # fmt: skip
+    stage.run(load_config(WeightsConfig, config, overrides))
 
 
 def main() -> None:

@@ -16,10 +16,11 @@ ALLOWED = {
     "errors": set(),
     "config": {"errors"},
     "console": set(),
+    "dist": {"errors"},
     "cache_format": {"schema", "errors"},
     "models": {"errors", "schema", "config", "console"},
-    "prep": {"errors", "schema", "config", "console", "models", "diffusion", "cache_format"},
-    "train": {"errors", "schema", "config", "console", "models", "diffusion", "cache_format"},
+    "prep": {"errors", "schema", "config", "console", "models", "diffusion", "cache_format", "dist"},
+    "train": {"errors", "schema", "config", "console", "models", "diffusion", "cache_format", "dist"},
     "evaluate": {"errors", "schema", "config", "console", "models", "diffusion", "train"},
 }
 THIRD_PARTY_FORBIDDEN = {"diffusion": {"diffusers", "transformers", "peft", "pyarrow", "datasets", "PIL"}}
