@@ -43,6 +43,10 @@ class BucketConfig(Section):
             raise ValueError(f"buckets.step={self.step} must be a multiple of 8 (the VAE downsamples by 8)")
         if self.min_side > self.max_side:
             raise ValueError("buckets.min_side must not exceed buckets.max_side")
+        if self.min_side * self.min_side > self.max_area:
+            raise ValueError(
+                f"buckets.min_side={self.min_side} squared exceeds buckets.max_area={self.max_area}: no bucket fits"
+            )
         return self
 
 

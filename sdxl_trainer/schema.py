@@ -28,17 +28,23 @@ SCHEMA_VERSION = 1
 META_KEY = b"sdxl_trainer"
 
 # ── manifest.parquet (prep scan): one row per image file found, kept or not ─────────────────
+# Its metadata (``extra``) holds ``source`` — {"kind": "folder", "root"} or {"kind": "hf_dataset",
+# "format": "arrow"|"parquet", "root", "split", "image_column", "caption_column"}, what
+# ``prep.hf_source.open_source(source, row["source"])`` needs to read a row's bytes — plus
+# ``buckets`` (the [w, h] list rows were assigned from) and ``tokenizer`` (the --model, or null).
+# ``id`` is unique among ok rows; ``path`` is unique among all rows.
 MANIFEST_STATUSES = ("ok", "skipped", "duplicate")
 MANIFEST_SCHEMA = pa.schema(
     [
-        ("id", pa.string()),  # content hash (blake2b-128 of the file bytes, hex): stable across renames
+        ("id", pa.string()),  # content hash (blake2b-128 of the file bytes, hex); null if unreadable
         ("path", pa.string()),  # relative to the data dir (POSIX), or "<split>/<row>" for a HF dataset
+        ("source", pa.string()),  # where the bytes are: the relative path, or "<data file>#<row in it>"
         ("status", pa.string()),  # ok | skipped | duplicate
-        ("reason", pa.string()),  # why skipped / which id it duplicates; null when ok
+        ("reason", pa.string()),  # "<code>: <detail>" (codes in docs/scan.md); null when ok
         ("duplicate_of", pa.string()),  # id of the kept copy, for status == duplicate
         ("format", pa.string()),  # PIL format name (JPEG, PNG, ...)
         ("mode", pa.string()),  # PIL mode as stored in the file (RGB, RGBA, P, CMYK, I;16, ...)
-        ("conversion", pa.string()),  # how it becomes RGB at cache time, e.g. "alpha over white"
+        ("conversion", pa.string()),  # how it becomes RGB at cache time, e.g. "alpha over white→RGB"
         ("width", pa.int32()),  # as displayed, after EXIF orientation
         ("height", pa.int32()),
         ("exif_orientation", pa.int8()),  # 1..8; 1 = none
@@ -46,13 +52,14 @@ MANIFEST_SCHEMA = pa.schema(
         ("bucket_width", pa.int32()),
         ("bucket_height", pa.int32()),
         ("tags", pa.list_(pa.string())),
-        ("caption", pa.string()),  # the sidecar text as read (whitespace-normalised)
+        ("caption", pa.string()),  # the sidecar text (whitespace-normalised; tags re-joined with ", ")
         ("caption_kind", pa.string()),  # tags | caption | none
-        ("flags", pa.list_(pa.string())),  # caption_missing, caption_empty, caption_non_utf8, ...
-        ("n_chunks", pa.int32()),  # 75-token chunks the caption needs (null without a tokenizer)
+        ("flags", pa.list_(pa.string())),  # caption_missing, caption_empty, caption_non_utf8, upscale_needed, ...
+        ("n_chunks", pa.int32()),  # 75-token chunks the caption is encoded with (≤ max_chunks; null without --model)
         ("file_size", pa.int64()),
         ("mtime_ns", pa.int64()),  # with file_size: decides whether a rescan re-reads the file
         ("caption_mtime_ns", pa.int64()),
+        ("checked", pa.string()),  # decoded (full decode) | header (--fast); null when never read
     ]
 )
 
