@@ -179,6 +179,19 @@ def weights(
     stage.run(load_config(WeightsConfig, config, overrides))
 
 
+@app.command("demo")
+@user_errors
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for the tiny model, data and outputs."),
+    images: int = typer.Option(300, help="Synthetic images to generate."),
+    seed: int = typer.Option(0, help="Seed for the model weights and the data."),
+) -> None:
+    """Run every stage on synthetic data and a tiny SDXL model (offline, CPU, minutes)."""
+    from sdxl_trainer import demo as stage
+
+    stage.run(out, n_images=images, seed=seed)
+
+
 def main() -> None:
     app()
 
