@@ -242,6 +242,16 @@ def test_rescan_reads_only_new_or_changed_files(tmp_path: Path, monkeypatch: pyt
     assert seen == [] and third["files_found"] == 5 and "3.png" not in manifest(work)
 
 
+def test_rescan_keeps_every_flag(messy: Path, tmp_path: Path) -> None:
+    save(messy / "dup_tags.png", seed=20, caption="solo,, solo")
+    work = tmp_path / "work"
+    scan.run(config(messy, work))
+    before = {p: r["flags"] for p, r in manifest(work).items()}
+    assert before["dup_tags.png"] == ["empty_tags_dropped", "duplicate_tags_dropped", "upscale_needed"]
+    assert scan.run(config(messy, work))["read"] == 0
+    assert {p: r["flags"] for p, r in manifest(work).items()} == before
+
+
 def test_rescan_changed_content_gets_a_new_id(tmp_path: Path) -> None:
     d, work = tmp_path / "data", tmp_path / "work"
     save(d / "a.png", seed=0)

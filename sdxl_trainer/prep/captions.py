@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MAX_TAG_WORDS = 4
+FLAGS = ("caption_missing", "caption_empty", "caption_non_utf8", "caption_unreadable", "empty_tags_dropped",
+         "duplicate_tags_dropped")  # fmt: skip
 _SPLIT = re.compile(r"[,\n]")
 _SPACES = re.compile(r"\s+")
 _SENTENCE_END = (".", "!", "?")
@@ -48,6 +50,11 @@ def decode_caption(raw: bytes) -> tuple[str, list[str]]:
         return body.decode(encoding), []
     except UnicodeDecodeError:
         return body.decode(encoding, errors="replace"), ["caption_non_utf8"]
+
+
+def caption_flags(flags: list[str]) -> list[str]:
+    """The flags a caption parse sets (as opposed to image or bucket flags), for reuse on a rescan."""
+    return [f for f in flags if f in FLAGS]
 
 
 def _is_tag_like(piece: str) -> bool:

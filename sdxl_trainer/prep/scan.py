@@ -24,7 +24,14 @@ from sdxl_trainer.config import ScanConfig
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.prep import buckets as bk
 from sdxl_trainer.prep import hf_source
-from sdxl_trainer.prep.captions import Caption, count_caption_chunks, parse_caption, parse_tag_list, read_sidecar
+from sdxl_trainer.prep.captions import (
+    Caption,
+    caption_flags,
+    count_caption_chunks,
+    parse_caption,
+    parse_tag_list,
+    read_sidecar,
+)
 from sdxl_trainer.prep.images import IMAGE_EXTENSIONS, content_id, probe_all, probe_flags, worker_count
 from sdxl_trainer.schema import MANIFEST_SCHEMA, TAGS_SCHEMA, read_table, write_json, write_table
 
@@ -187,7 +194,7 @@ def load_previous(cfg: ScanConfig, source_meta: dict) -> dict[str, dict]:
             row["n_chunks"] = None
         if same_captions:
             row["_caption"] = Caption(row["caption"], row["tags"] or [], row["caption_kind"],
-                                      [f for f in row["flags"] or [] if f.startswith(("caption_", "tags_"))])
+                                      caption_flags(row["flags"] or []))
         rows[row["path"]] = row
     return rows
 
