@@ -196,6 +196,13 @@ def test_import_pulls_in_neither_diffusers_nor_transformers() -> None:
     assert "LOADED []" in proc.stdout
 
 
+def test_package_docstring_lists_every_public_name() -> None:
+    import sdxl_trainer.diffusion as diffusion
+
+    missing = [name for name in diffusion.__all__ if name not in diffusion.__doc__]
+    assert not missing, f"add to the package docstring: {missing}"
+
+
 @pytest.mark.parametrize("name", OBJECTIVES)
 def test_training_math_traces_without_graph_breaks(name: str) -> None:
     """fullgraph tracing fails on .item(), .tolist() or `if tensor:` — the training math has none."""

@@ -12,13 +12,16 @@ from sdxl_trainer.diffusion import (
     alpha_bar_from_sigma,
     betas_from_alpha_bar,
     check_sigma_table,
+    flow_log_snr,
     flow_shift,
+    flow_sigma,
     flow_times,
     karras_sigmas,
     log_snr_from_sigma,
     mean_signal_fraction,
     rescale_zero_terminal_snr,
     scaled_linear_betas,
+    schedule_curves,
     sdxl_alpha_bar,
     sdxl_sigmas,
     sigma_from_alpha_bar,
@@ -120,6 +123,15 @@ def test_high_sigma_table_default_is_lin_rescale_with_finite_terminal() -> None:
     replaced = zero_snr_sigmas(sigma_max=30000.0, rescale=False)
     torch.testing.assert_close(replaced[:-1], sdxl_sigmas()[:-1])
     assert replaced[-1].item() == 30000.0
+
+
+def test_finite_stand_ins_for_infinite_sigma() -> None:
+    # diffusers' Euler sets ᾱ_999 = 2⁻²⁴ (σ = 4096), ComfyUI's zsnr ᾱ_999 = 4.8973451890853435e-08 (σ ≈ 4518.8)
+    assert sigma_from_alpha_bar(_t(2.0**-24)).item() == pytest.approx(4096.0, abs=1e-3)
+    assert sigma_from_alpha_bar(_t(4.8973451890853435e-08)).item() == pytest.approx(4518.8, abs=0.05)
+    for stand_in in (4096.0, 4518.8, NOVELAI_SIGMA_MAX):
+        table = zero_snr_sigmas(sigma_max=stand_in)
+        assert sigma_to_t(_t(stand_in), sigmas=table).item() == 999.0
 
 
 @pytest.mark.parametrize("bad", [math.inf, -1.0, 0.0])
@@ -267,3 +279,23 @@ def test_mean_signal_fraction() -> None:
     assert mean_signal_fraction(14.6, latent_height=256, latent_width=256) > base
     curve = mean_signal_fraction(torch.logspace(-1, 5, 20, dtype=F64), latent_height=64, latent_width=64)
     assert bool((curve[1:] < curve[:-1]).all())
+
+
+# --- the curves evaluate plots -----------------------------------------------------------------------
+
+
+def test_schedule_curves_for_the_plots() -> None:
+    curves = {c.name: c for c in schedule_curves()}
+    assert set(curves) == {"sdxl", "zero_snr_rescale", "high_sigma_20000", "flow_shift_1", "flow_shift_3", "flow_shift_6"}
+    torch.testing.assert_close(curves["sdxl"].sigma, sdxl_sigmas())
+    assert curves["zero_snr_rescale"].log_snr[-1].item() == -math.inf
+    assert curves["high_sigma_20000"].sigma[-1].item() == 20000.0
+    assert curves["high_sigma_20000"].log_snr[-1].item() == pytest.approx(-2 * math.log(20000.0))
+    for name, curve in curves.items():
+        assert curve.u.shape == curve.sigma.shape == curve.log_snr.shape
+        assert bool((curve.sigma[1:] >= curve.sigma[:-1]).all()), name
+    # flow: log SNR = 2·log((1−t)/t); t = 0.5 is SNR 1, and shift 3 moves it to u = 0.25
+    assert flow_log_snr(_t(0.5)).item() == 0.0 and flow_sigma(_t(0.5)).item() == 1.0
+    shift3 = curves["flow_shift_3"]
+    i = int((shift3.u - 0.25).abs().argmin())
+    assert shift3.log_snr[i].item() == pytest.approx(0.0, abs=0.02)

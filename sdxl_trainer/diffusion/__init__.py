@@ -8,29 +8,32 @@ Public API
 schedules
     scaled_linear_betas, alpha_bar_from_betas, betas_from_alpha_bar, sigma_from_alpha_bar,
     alpha_bar_from_sigma, snr_from_sigma, log_snr_from_sigma    — the discrete-schedule algebra
-    sdxl_alpha_bar, sdxl_sigmas                                — SDXL's scaled_linear table (σ_max 14.6)
+    sdxl_alpha_bar, sdxl_sigmas, SDXL_BETA_START, SDXL_BETA_END, SDXL_NUM_TIMESTEPS — SDXL's table (σ_max 14.6)
     rescale_zero_terminal_snr                                  — Lin et al.'s ᾱ_T = 0 rescale
     with_terminal_sigma, zero_snr_sigmas, NOVELAI_SIGMA_MAX    — NovelAI's finite high-σ terminal (20000)
     check_sigma_table, sigma_to_t, t_to_sigma                  — σ ↔ UNet timestep (log-linear, clamped)
     karras_sigmas, trailing_timesteps, trailing_sigmas, uniform_sigmas — sampling schedules
-    flow_shift, flow_times                                     — rectified-flow time shift and schedule
+    flow_shift, flow_times, flow_sigma, flow_log_snr           — rectified-flow time shift, schedule, σ view
+    schedule_curves -> [ScheduleCurve]                         — σ(u), log-SNR(u) for the schedule plots
     sigma_max_for_resolution, mean_signal_fraction             — high-resolution coherence
 objectives
-    build_objective(name) -> Objective, OBJECTIVES             — "eps" | "v" | "v_ztsnr" | "flow"
+    build_objective(name) -> Objective; OBJECTIVES             — "eps" | "v" | "v_ztsnr" | "flow"
     make_training_inputs -> TrainingInputs(noisy, timestep, target, info: LevelInfo)
-    eps/v/flow_training_inputs, eps/v/flow_to_x0_eps           — per-objective forms
+    eps_training_inputs, v_training_inputs, flow_training_inputs — per-objective (x0, ε, level) → inputs
+    eps_to_x0_eps, v_to_x0_eps, flow_to_x0_eps                 — model output → (x0, ε)
     c_in, c_noise_share, c_skip_v, c_out_v, c_skip_eps, c_out_eps — σ-space preconditioning (σ_data = 1)
-    discrete_denoiser, flow_denoiser                           — UNet → x0 denoiser for the samplers
+    discrete_denoiser, flow_denoiser, FLOW_TIMESTEP_SCALE      — UNet → x0 denoiser for the samplers
 timesteps
     build_level_sampler, uniform_timesteps, logit_normal_times, terminal_probability
 weights
-    build_loss_weight, min_snr_eps, min_snr_v, min_snr_v_plus_one, min_snr_flow, min_snr_flow_hang,
-    offset_noise, perturb_input_noise, build_noise_sampler, weighted_mse
+    build_loss_weight, WEIGHTINGS, MIN_SNR_FORMS, min_snr_eps, min_snr_v, min_snr_v_plus_one,
+    min_snr_flow, min_snr_flow_hang, weighted_mse               — per-sample loss weights
+    offset_noise, perturb_input_noise, build_noise_sampler     — training noise
 samplers
     sample_euler, sample_euler_ancestral, sample_dpmpp_2m, sample_flow_euler, get_sampler, SAMPLERS,
     ancestral_step, prior_noise, preview_collector
 guidance
-    cfg, rescale_cfg, cfg_rescaled, guided_denoiser
+    cfg, rescale_cfg, cfg_rescaled, guided_denoiser, GUIDANCE_SPACES
 
 Training step (no host synchronisation anywhere on this path)::
 
@@ -49,8 +52,9 @@ Sampling::
 
     denoiser = objective.denoiser(lambda x, t, **kw: unet(x, t, **kw).sample, dtype=torch.bfloat16)
     sigmas = karras_sigmas(28, sigma_min=objective.sigma_min, sigma_max=objective.sigma_max)
-    x = sample_dpmpp_2m(guided_denoiser(denoiser, scale=5.0, phi=0.7), prior_noise(shape, sigma_max=sigmas[0]),
-                        sigmas, extra_args={"cond": {...}, "uncond": {...}}, callback=cb)
+    x = prior_noise(shape, sigma_max=objective.sigma_max, generator=gen)
+    x = sample_dpmpp_2m(guided_denoiser(denoiser, scale=5.0, phi=0.7), x, sigmas,
+                        extra_args={"cond": {...}, "uncond": {...}}, callback=cb)
 """
 
 from .guidance import GUIDANCE_SPACES, cfg, cfg_rescaled, guided_denoiser, rescale_cfg
@@ -97,7 +101,10 @@ from .schedules import (
     alpha_bar_from_sigma,
     betas_from_alpha_bar,
     check_sigma_table,
+    ScheduleCurve,
+    flow_log_snr,
     flow_shift,
+    flow_sigma,
     flow_times,
     karras_sigmas,
     log_snr_from_sigma,
@@ -105,6 +112,7 @@ from .schedules import (
     rescale_zero_terminal_snr,
     scaled_linear_betas,
     sdxl_alpha_bar,
+    schedule_curves,
     sdxl_sigmas,
     sigma_from_alpha_bar,
     sigma_max_for_resolution,
@@ -133,4 +141,87 @@ from .weights import (
     weighted_mse,
 )
 
-__all__ = [name for name in dir() if not name.startswith("_") and name not in {"guidance", "objectives", "samplers", "schedules", "timesteps", "weights"}]
+__all__ = [
+    "FLOW_TIMESTEP_SCALE",
+    "GUIDANCE_SPACES",
+    "LevelInfo",
+    "MIN_SNR_FORMS",
+    "NOVELAI_SIGMA_MAX",
+    "OBJECTIVES",
+    "Objective",
+    "SAMPLERS",
+    "SDXL_BETA_END",
+    "SDXL_BETA_START",
+    "SDXL_NUM_TIMESTEPS",
+    "ScheduleCurve",
+    "TrainingInputs",
+    "WEIGHTINGS",
+    "alpha_bar_from_betas",
+    "alpha_bar_from_sigma",
+    "ancestral_step",
+    "betas_from_alpha_bar",
+    "build_level_sampler",
+    "build_loss_weight",
+    "build_noise_sampler",
+    "build_objective",
+    "c_in",
+    "c_noise_share",
+    "c_out_eps",
+    "c_out_v",
+    "c_skip_eps",
+    "c_skip_v",
+    "cfg",
+    "cfg_rescaled",
+    "check_sigma_table",
+    "discrete_denoiser",
+    "eps_to_x0_eps",
+    "eps_training_inputs",
+    "flow_denoiser",
+    "flow_log_snr",
+    "flow_shift",
+    "flow_sigma",
+    "flow_times",
+    "flow_to_x0_eps",
+    "flow_training_inputs",
+    "get_sampler",
+    "guided_denoiser",
+    "karras_sigmas",
+    "log_snr_from_sigma",
+    "logit_normal_times",
+    "make_training_inputs",
+    "mean_signal_fraction",
+    "min_snr_eps",
+    "min_snr_flow",
+    "min_snr_flow_hang",
+    "min_snr_v",
+    "min_snr_v_plus_one",
+    "offset_noise",
+    "perturb_input_noise",
+    "preview_collector",
+    "prior_noise",
+    "rescale_cfg",
+    "rescale_zero_terminal_snr",
+    "sample_dpmpp_2m",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_flow_euler",
+    "scaled_linear_betas",
+    "schedule_curves",
+    "sdxl_alpha_bar",
+    "sdxl_sigmas",
+    "sigma_from_alpha_bar",
+    "sigma_max_for_resolution",
+    "sigma_to_t",
+    "snr_from_sigma",
+    "t_to_sigma",
+    "terminal_probability",
+    "trailing_sigmas",
+    "trailing_timesteps",
+    "uniform_sigmas",
+    "uniform_timesteps",
+    "v_to_x0_eps",
+    "v_training_inputs",
+    "weighted_mse",
+    "with_terminal_sigma",
+    "zero_snr_sigmas",
+]

@@ -22,11 +22,11 @@ FLOW_TIMESTEP_SCALE = 1000.0
 
 
 class LevelInfo(NamedTuple):
-    """Per-sample noise level in both views: σ (σ-space; flow: t/(1−t)) and SNR = 1/σ²; shapes (B,)."""
+    """Per-sample noise level: σ (σ-space; flow: t/(1−t)), SNR = 1/σ² and the sampled level; shapes (B,)."""
 
     sigma: torch.Tensor
     snr: torch.Tensor
-    t: torch.Tensor  # the sampled level itself: σ for eps/v, flow time t for flow
+    level: torch.Tensor  # the sampled level itself: σ for eps/v, flow time t for flow
 
 
 class TrainingInputs(NamedTuple):
@@ -85,7 +85,7 @@ def c_out_eps(sigma: torch.Tensor) -> torch.Tensor:
 
 def _sigma_info(sigma: torch.Tensor) -> LevelInfo:
     sigma = real(sigma)
-    return LevelInfo(sigma=sigma, snr=sigma.pow(-2), t=sigma)
+    return LevelInfo(sigma=sigma, snr=sigma.pow(-2), level=sigma)
 
 
 def eps_training_inputs(x0, noise, sigma, *, sigmas, input_noise=None) -> TrainingInputs:
@@ -103,11 +103,11 @@ def v_training_inputs(x0, noise, sigma, *, sigmas, input_noise=None) -> Training
 
 
 def flow_training_inputs(x0, noise, t, *, sigmas=None, input_noise=None) -> TrainingInputs:
-    """x_t = (1 − t)·x0 + t·ε, target ε − x0, UNet timestep 1000·t (Liu et al. 2023; Esser et al. 2024, eq. 3)."""
+    """x_t = (1 − t)·x0 + t·ε, target ε − x0, UNet timestep 1000·t (Liu et al. 2023; Esser et al. 2024, §2)."""
     t = real(t)
     te = _expand(t, x0)
     noisy = (1 - te) * x0 + te * (noise if input_noise is None else input_noise)
-    info = LevelInfo(sigma=t / (1 - t), snr=((1 - t) / t) ** 2, t=t)
+    info = LevelInfo(sigma=t / (1 - t), snr=((1 - t) / t) ** 2, level=t)
     return TrainingInputs(noisy, FLOW_TIMESTEP_SCALE * t, noise - x0, info)
 
 

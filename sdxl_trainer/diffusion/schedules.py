@@ -9,6 +9,7 @@ SDXL), index 0 the least noisy. Sampling schedules are descending and end with a
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -48,7 +49,7 @@ def alpha_bar_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def snr_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
-    """SNR = 1/σ² = ᾱ/(1 − ᾱ) (Kingma et al. 2021, eq. 1); σ = ∞ gives 0, σ = 0 gives ∞."""
+    """SNR = 1/σ² = ᾱ/(1 − ᾱ) (Kingma et al. 2021, §2); σ = ∞ gives 0, σ = 0 gives ∞."""
     return sigma.pow(-2)
 
 
@@ -167,7 +168,7 @@ def uniform_sigmas(n: int, *, sigmas: torch.Tensor) -> torch.Tensor:
 
 
 def flow_shift(t: torch.Tensor, *, shift: float) -> torch.Tensor:
-    """t' = s·t/(1 + (s − 1)·t), i.e. logit t' = logit t + ln s (Esser et al. 2024, eq. 23)."""
+    """t' = s·t/(1 + (s − 1)·t), i.e. logit t' = logit t + ln s (Esser et al. 2024, §5.3.2)."""
     return shift * t / (1 + (shift - 1) * t)
 
 
@@ -178,13 +179,48 @@ def flow_times(n: int, *, shift: float = 1.0) -> torch.Tensor:
     return flow_shift(torch.linspace(1, 0, n + 1, dtype=torch.float64), shift=shift)
 
 
+def flow_sigma(t: torch.Tensor) -> torch.Tensor:
+    """σ = t/(1 − t): x_t/(1 − t) = x0 + t/(1 − t)·ε puts flow time t in σ-space (∞ at t = 1)."""
+    return t / (1 - t)
+
+
+def flow_log_snr(t: torch.Tensor) -> torch.Tensor:
+    """log SNR = 2·log((1 − t)/t) for x_t = (1 − t)·x0 + t·ε (Esser et al. 2024, §2: λ = log a²/b²)."""
+    return 2.0 * ((1 - t) / t).log()
+
+
+class ScheduleCurve(NamedTuple):
+    """One schedule for the comparison plots: position u ∈ [0, 1] (timestep/(N−1) or flow time before shift)."""
+
+    name: str
+    u: torch.Tensor
+    sigma: torch.Tensor
+    log_snr: torch.Tensor
+
+
+def schedule_curves(*, sigma_max: float = NOVELAI_SIGMA_MAX, flow_shifts=(1.0, 3.0, 6.0), num: int = 1000):
+    """σ(u) and log-SNR(u) for SDXL, Lin's zero-SNR rescale (σ_T = ∞), the high-σ table and flow shifts."""
+    tables = {
+        "sdxl": sdxl_sigmas(),
+        "zero_snr_rescale": sigma_from_alpha_bar(sdxl_alpha_bar(zero_terminal_snr=True)),
+        f"high_sigma_{sigma_max:g}": zero_snr_sigmas(sigma_max=sigma_max),
+    }
+    u_table = torch.linspace(0, 1, SDXL_NUM_TIMESTEPS, dtype=torch.float64)
+    curves = [ScheduleCurve(name, u_table, sig, log_snr_from_sigma(sig)) for name, sig in tables.items()]
+    u = torch.linspace(0, 1, num, dtype=torch.float64)
+    for shift in flow_shifts:
+        t = flow_shift(u, shift=shift)
+        curves.append(ScheduleCurve(f"flow_shift_{shift:g}", u, flow_sigma(t), flow_log_snr(t)))
+    return curves
+
+
 # --- high-resolution coherence ---------------------------------------------------------------------
 
 
 def sigma_max_for_resolution(
     sigma_max: float, *, height: int, width: int, base_height: int = 1024, base_width: int = 1024
 ) -> float:
-    """σ_max' = σ_max·√(h·w/(h₀·w₀)): doubling the canvas side doubles σ_max (NovelAI V3 §2.3)."""
+    """σ_max' = σ_max·√(h·w/(h₀·w₀)): doubling the canvas side doubles σ_max (Ossa et al. 2024)."""
     if min(height, width, base_height, base_width) <= 0:
         raise ValueError(f"sizes must be positive, got {height}x{width} over {base_height}x{base_width}")
     return sigma_max * math.sqrt((height * width) / (base_height * base_width))

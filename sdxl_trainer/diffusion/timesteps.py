@@ -44,7 +44,7 @@ def logit_normal_times(
     t_min: float = 0.0,
     t_max: float = 1.0,
 ) -> torch.Tensor:
-    """t = shift(sigmoid(N(m, s²))) = sigmoid(N(m + ln shift, s²)) (Esser et al. 2024, §3.1, eq. 19)."""
+    """t = shift(sigmoid(N(m, s²))) = sigmoid(N(m + ln shift, s²)) (Esser et al. 2024, §3.1)."""
     u = torch.randn(batch_size, generator=generator, device=generator.device) * std + mean
     t = flow_shift(torch.sigmoid(u), shift=shift)
     return t_min + (t_max - t_min) * t

@@ -19,12 +19,12 @@ MIN_SNR_FORMS = ("objective", "hang")
 
 
 def min_snr_eps(sigma: torch.Tensor, *, gamma: float) -> torch.Tensor:
-    """min(SNR, γ)/SNR = min(1, γ·σ²) (Hang et al. 2023, §3.4, ε-prediction form)."""
+    """min(SNR, γ)/SNR = min(1, γ·σ²) (Hang et al. 2023, §3.4 and §4.2, ε form)."""
     return (gamma * real(sigma) ** 2).clamp(max=1.0)
 
 
 def min_snr_v(sigma: torch.Tensor, *, gamma: float) -> torch.Tensor:
-    """min(SNR, γ)/(SNR + 1) = min(1, γ·σ²)/(1 + σ²) (Hang et al. 2023, §3.4, v form); → 0 as σ → ∞."""
+    """min(SNR, γ)/(SNR + 1) = min(1, γ·σ²)/(1 + σ²) (Hang et al. 2023, §3.4 mapped to v); → 0 as σ → ∞."""
     return min_snr_eps(sigma, gamma=gamma) * c_in(sigma) ** 2
 
 
@@ -62,7 +62,7 @@ def build_loss_weight(objective: Objective, *, kind: str = "none", gamma: float 
         flow_fn = min_snr_flow if form == "objective" else min_snr_flow_hang
 
         def base(info: LevelInfo) -> torch.Tensor:
-            return flow_fn(info.t, gamma=gamma)
+            return flow_fn(info.level, gamma=gamma)
 
     else:
         sigma_fn = {
