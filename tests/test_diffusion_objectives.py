@@ -23,6 +23,7 @@ from sdxl_trainer.diffusion import (
     eps_to_x0_eps,
     eps_training_inputs,
     make_training_inputs,
+    output_to_x0_eps,
     sdxl_sigmas,
     v_to_x0_eps,
     v_training_inputs,
@@ -81,7 +82,7 @@ def test_exact_target_round_trips_x0(name: str, dtype: torch.dtype) -> None:
     levels = TIMES if name == "flow" else SIGMAS
     x0, noise = _data(levels.numel(), dtype)
     inputs = objective.make_training_inputs(x0, noise, levels.to(dtype))
-    x0_hat, eps_hat = objective.output_to_x0_eps(inputs.target, inputs.noisy, levels.to(dtype))
+    x0_hat, eps_hat = output_to_x0_eps(inputs.target, inputs.noisy, levels.to(dtype), objective=objective)
     assert inputs.noisy.shape == x0.shape and inputs.timestep.shape == (levels.numel(),)
     if name == "eps":
         # x0 = (x_t − √(1−ᾱ)ε)/√ᾱ loses ~ulp/√ᾱ: exact in fp64, fp32 only where ε training happens (σ ≤ 14.6)

@@ -20,7 +20,7 @@ objectives
     build_objective(name) -> Objective; OBJECTIVES             — "eps" | "v" | "v_ztsnr" | "flow"
     make_training_inputs -> TrainingInputs(noisy, timestep, target, info: LevelInfo)
     eps_training_inputs, v_training_inputs, flow_training_inputs — per-objective (x0, ε, level) → inputs
-    eps_to_x0_eps, v_to_x0_eps, flow_to_x0_eps                 — model output → (x0, ε)
+    output_to_x0_eps, eps_to_x0_eps, v_to_x0_eps, flow_to_x0_eps — model output → (x0, ε)
     c_in, c_noise_share, c_skip_v, c_out_v, c_skip_eps, c_out_eps — σ-space preconditioning (σ_data = 1)
     discrete_denoiser, flow_denoiser, FLOW_TIMESTEP_SCALE      — UNet → x0 denoiser for the samplers
 timesteps
@@ -78,6 +78,7 @@ from .objectives import (
     flow_to_x0_eps,
     flow_training_inputs,
     make_training_inputs,
+    output_to_x0_eps,
     v_to_x0_eps,
     v_training_inputs,
 )
@@ -196,6 +197,7 @@ __all__ = [
     "min_snr_v",
     "min_snr_v_plus_one",
     "offset_noise",
+    "output_to_x0_eps",
     "perturb_input_noise",
     "preview_collector",
     "prior_noise",

@@ -236,3 +236,8 @@ def build_objective(name: str, *, sigma_max: float | None = None, ztsnr_rescale:
 def make_training_inputs(x0, noise, level, *, objective: Objective, input_noise=None) -> TrainingInputs:
     """(x0, ε, σ or t) → (UNet input, UNet timestep, target, per-sample σ/SNR) for `objective`."""
     return objective.make_training_inputs(x0, noise, level, input_noise=input_noise)
+
+
+def output_to_x0_eps(output, noisy, level, *, objective: Objective):
+    """Any model output of `objective` → (x0, ε), from the UNet input `noisy` (eq. O6 in docs/diffusion.md)."""
+    return objective.output_to_x0_eps(output, noisy, level)

@@ -69,7 +69,8 @@ def build_level_sampler(
 
     Discrete objectives: t_min/t_max are table indices (inclusive), terminal_oversample the extra
     probability of the terminal index. Flow: t_min/t_max bound t ∈ [0, 1] (affinely), the logit-normal
-    has mean ln(shift) and std logit_std.
+    has mean ln(shift) and std logit_std. Build it from an objective already moved with `.to(device)`,
+    so that indexing the table stays on the device.
     """
     if objective.prediction == "flow":
         if terminal_oversample:
