@@ -1,0 +1,146 @@
+"""The tiny SDXL-architecture demo model: real diffusers/transformers classes at small widths.
+
+Nothing here downloads anything. :func:`build_tiny_model` writes a complete diffusers folder that
+``StableDiffusionXLPipeline.from_pretrained`` loads, with random weights seeded by ``seed``:
+
+==============  ==========================================  ===========================================
+part            tiny                                        SDXL base 1.0
+==============  ==========================================  ===========================================
+unet            2 levels (32, 64), attention at 8×8,        3 levels (320, 640, 1280), attention at
+                ≈1.5 M params                               the two lower levels, 2.57 G params
+cross-attn dim  32 + 64 = 96                                768 + 1280 = 2048
+text_time       64 pooled + 6·8 time ids = 112              1280 pooled + 6·256 time ids = 2816
+vae             4 levels (8× down), 4 latent channels,      the same layout at (128, 256, 512, 512)
+                scaling_factor 0.13025
+text encoders   CLIP, 2 layers, hidden 32 and 64            CLIP ViT-L (768) and OpenCLIP bigG (1280)
+tokenizers      CLIP BPE, a few hundred tokens              CLIP BPE, 49,408 tokens
+scheduler       EulerDiscreteScheduler, SDXL's config       the same
+==============  ==========================================  ===========================================
+
+At :data:`TINY_RESOLUTION` (128 px, 16×16 latents) a UNet training step at batch 8 takes ≈0.08 s
+on 2 CPU cores. The VAE is random like the rest: it does not reconstruct images until trained.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdxl_trainer.models import tokenizer_kit
+
+TINY_RESOLUTION = 128
+# A bucket set for the demo at TINY_RESOLUTION (the keys of sdxl_trainer.config.BucketConfig).
+DEMO_BUCKETS: dict[str, int] = {"max_area": 128 * 128, "step": 32, "min_side": 64, "max_side": 256, "base": 128}
+
+TE1_HIDDEN, TE2_HIDDEN, TE2_PROJECTION, TIME_EMBED_DIM = 32, 64, 64, 8
+
+
+def unet_config() -> dict[str, Any]:
+    """SDXL's UNet layout (DownBlock2D first, cross-attention below, text_time conditioning), tiny."""
+    return dict(
+        sample_size=TINY_RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=1,
+        attention_head_dim=(2, 4),  # diffusers' name for the head count (SDXL: 5, 10, 20): 16 channels a head
+        cross_attention_dim=TE1_HIDDEN + TE2_HIDDEN,
+        use_linear_projection=True,
+        norm_num_groups=32,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=TE2_PROJECTION + 6 * TIME_EMBED_DIM,
+    )
+
+
+def vae_config() -> dict[str, Any]:
+    """An AutoencoderKL with SDXL's layout: 4 levels (three 2× downsamples = 8×), 4 latent channels."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=TINY_RESOLUTION,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+
+
+def text_encoder_configs(vocab_size: int, bos_id: int, eos_id: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """CLIP text configs: (ViT-L-like, quick_gelu) and (bigG-like with projection, gelu), 77 positions."""
+    common = dict(
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=1,
+        layer_norm_eps=1e-5,
+    )
+    te1 = dict(common, hidden_size=TE1_HIDDEN, intermediate_size=4 * TE1_HIDDEN, hidden_act="quick_gelu")
+    te1["projection_dim"] = TE1_HIDDEN
+    te2 = dict(common, hidden_size=TE2_HIDDEN, intermediate_size=4 * TE2_HIDDEN, hidden_act="gelu")
+    te2["projection_dim"] = TE2_PROJECTION
+    return te1, te2
+
+
+def _seeded(seed: int, part: int, build):
+    """Build one part under its own seed (``seed``, ``part``), leaving the caller's global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 16 + part)
+        return build()
+
+
+def build_tiny_model(out_dir: Path | str, *, seed: int = 0) -> Path:
+    """Write the tiny SDXL pipeline (diffusers layout) to ``out_dir``; returns ``out_dir``. Takes seconds."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdxl_trainer.models.loading import load_clip_tokenizer, quiet_hf, read_part_config
+
+    with quiet_hf(warnings=True):
+        from diffusers import StableDiffusionXLPipeline
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tiny-tok-") as tmp:
+        tok1, tok2 = (
+            load_clip_tokenizer(tokenizer_kit.write_tokenizer_folder(Path(tmp) / name, pad_token=pad))
+            for name, pad in (("tokenizer", tokenizer_kit.EOS), ("tokenizer_2", "!"))
+        )
+    vocab_size = len(tok1)
+    te1_cfg, te2_cfg = text_encoder_configs(vocab_size, tok1.bos_token_id, tok1.eos_token_id)
+    pipe = StableDiffusionXLPipeline(
+        vae=_seeded(seed, 1, lambda: AutoencoderKL(**vae_config())),
+        text_encoder=_seeded(seed, 2, lambda: CLIPTextModel(CLIPTextConfig(**te1_cfg))),
+        text_encoder_2=_seeded(seed, 3, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**te2_cfg))),
+        tokenizer=tok1,
+        tokenizer_2=tok2,
+        unet=_seeded(seed, 0, lambda: UNet2DConditionModel(**unet_config())),
+        scheduler=EulerDiscreteScheduler.from_config(read_part_config("scheduler")),  # SDXL's own
+        force_zeros_for_empty_prompt=True,
+    )
+    with quiet_hf():
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        # Recent transformers save only tokenizer.json: keep CLIP's own files too (older readers need
+        # them), and drop the loading options transformers copies into the saved config.
+        tokenizer_kit.write_tokenizer_files(out_dir / name)
+        config_path = out_dir / name / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        for key in ("is_local", "local_files_only"):
+            config.pop(key, None)
+        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out_dir

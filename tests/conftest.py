@@ -1,0 +1,28 @@
+"""Shared fixtures: the tiny demo model and the synthetic dataset, built once per test session.
+
+Both folders are shared by every test that asks for them: treat them as read-only (copy one with
+``shutil.copytree`` into ``tmp_path`` before changing it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sdxl_trainer.models.tiny import build_tiny_model
+from sdxl_trainer.prep.synthetic import build_synthetic_dataset
+
+SYNTHETIC_N = 64  # images in the shared dataset (20% solid black, 20% solid white; seed 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A diffusers SDXL folder of the tiny demo model (seed 0): StableDiffusionXLPipeline loads it."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of SYNTHETIC_N synthetic images with ``<stem>.txt`` tag sidecars (seed 0)."""
+    return build_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "data", n=SYNTHETIC_N, seed=0)
