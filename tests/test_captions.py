@@ -100,3 +100,12 @@ def test_read_sidecar(tmp_path: Path) -> None:
     assert read_sidecar(None).flags == ["caption_missing"]
     gone = read_sidecar(tmp_path / "gone.txt")
     assert gone.text is None and gone.flags == ["caption_missing", "caption_unreadable"]
+
+
+def test_trailing_newline_is_not_an_empty_tag():
+    from sdxl_trainer.prep.captions import parse_caption_bytes
+
+    parsed = parse_caption_bytes(b"solid color, white background, no humans\n")
+    assert parsed.tags == ["solid color", "white background", "no humans"]
+    assert "empty_tags_dropped" not in parsed.flags
+    assert "empty_tags_dropped" in parse_caption_bytes(b"a, , b\n").flags

@@ -87,7 +87,8 @@ def parse_caption(text: str | None, *, underscores: bool = False, flags: list[st
     flags = list(flags or [])
     if text is None:
         return Caption(text=None, kind="none", flags=flags + ["caption_missing"])
-    text = text.replace("\r", "\n").replace("\x00", "")
+    # A file's closing newline is not an empty tag.
+    text = text.replace("\r", "\n").replace("\x00", "").strip()
     pieces = _pieces(text)
     if not any(pieces):
         return Caption(text="", kind="none", flags=flags + ["caption_empty"])
