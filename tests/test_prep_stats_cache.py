@@ -170,3 +170,19 @@ def test_cache_under_torchrun_matches_single_process(scanned, tiny_model_dir, tm
     for i in want:
         np.testing.assert_allclose(got[i][0], want[i][0], atol=2e-3)
         np.testing.assert_allclose(got[i][1], want[i][1], atol=2e-3)
+
+
+def test_cache_size_estimate_matches_and_disk_check(scanned, tiny_model_dir, tmp_path, monkeypatch):
+    work = Path(shutil.copytree(scanned, tmp_path / "work"))
+    cfg = _cache_cfg(work, tiny_model_dir)
+    rows, _ = cache.read_manifest(work)
+    enc = cache.Encoder(cfg, torch.device("cpu"), torch.float32, torch.float32)
+    estimate = cache.estimate_bytes(enc, rows)
+    summary = cache.run(cfg)
+    # The scan counted chunks with the same tokenizer, so the estimate is the stored tensor size
+    # up to caption variants that repeat (stored once) and Parquet's own bytes (ids, captions).
+    assert 0.5 * estimate < summary["bytes_total"] < 1.1 * estimate
+    Usage = type("Usage", (), {"free": estimate // 2})
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda _p: Usage)
+    with pytest.raises(UserError, match="GB is free"):
+        cache.run(_cache_cfg(Path(shutil.copytree(scanned, tmp_path / "w2")), tiny_model_dir))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 
 from sdxl_trainer import console, dist
 from sdxl_trainer.cache_format import CacheDims, CacheRow, CacheWriter, check_config, clean_partial, completed_ids
-from sdxl_trainer.cache_format import finalise, verify
+from sdxl_trainer.cache_format import Group, finalise, row_bytes, verify
 from sdxl_trainer.config import CacheConfig
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.models.loading import load_text_encoders, load_tokenizers, load_vae
@@ -196,6 +197,8 @@ def _run(cfg: CacheConfig, info: dist.DistInfo, verify_after: bool) -> dict:
     clean_partial(cache, rank=info.rank)
     done = completed_ids(cache)
     share = [r for i, r in enumerate(rows) if i % info.world_size == info.rank and r["id"] not in done]
+    if info.is_main:
+        _check_disk(cache, enc, [r for r in rows if r["id"] not in done])
     skipped_log = cache / "skipped" / f"r{info.rank:03d}.jsonl"
     skipped_log.parent.mkdir(parents=True, exist_ok=True)
     skipped_log.write_text("")  # this run's outcome; images skipped before are retried now
@@ -209,6 +212,30 @@ def _run(cfg: CacheConfig, info: dist.DistInfo, verify_after: bool) -> dict:
         hidden, pooled = enc.text([""], 1)
     meta = finalise(cache, config=recorded, dims=enc.dims, uncond={"text_hidden": hidden[0], "text_pooled": pooled[0]})
     return _report(cfg, meta, cache, len(rows), len(done), verify_after)
+
+
+def estimate_bytes(enc: Encoder, rows: list[dict]) -> int:
+    """Tensor bytes the rows will take (chunk counts from the scan when it counted them, else 1)."""
+    total = 0
+    for r in rows:
+        n = min(r.get("n_chunks") or 1, enc.cfg.max_chunks)
+        total += row_bytes(enc.dims, Group(r["bucket_width"], r["bucket_height"], n), flip=enc.cfg.flip)
+    return total
+
+
+def _check_disk(cache: Path, enc: Encoder, todo: list[dict]) -> None:
+    """Say up front how big the cache will be, and refuse to start a run the disk cannot hold."""
+    need = estimate_bytes(enc, todo)
+    cache.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache).free
+    console.info(f"cache: {len(todo):,} images to encode, about {need / 1e9:,.2f} GB "
+                 f"({need / max(len(todo), 1) / 1e6:,.2f} MB each); {free / 1e9:,.1f} GB free")  # fmt: skip
+    if need > free:
+        raise UserError(
+            f"the cache needs about {need / 1e9:,.1f} GB but only {free / 1e9:,.1f} GB is free",
+            where=str(cache),
+            fix="free space, move WORK to a bigger disk, or lower --variants / --max-chunks / drop --flip",
+        )
 
 
 def _skipped_rows(cache: Path) -> list[dict]:
