@@ -252,6 +252,15 @@ def test_rescan_keeps_every_flag(messy: Path, tmp_path: Path) -> None:
     assert {p: r["flags"] for p, r in manifest(work).items()} == before
 
 
+def test_a_damaged_previous_manifest_means_a_full_rescan(tmp_path: Path) -> None:
+    d, work = tmp_path / "data", tmp_path / "work"
+    save(d / "a.png")
+    work.mkdir()
+    (work / "manifest.parquet").write_bytes(b"PAR1 this is not parquet")
+    assert scan.run(config(d, work))["read"] == 1
+    assert manifest(work)["a.png"]["status"] == "ok"
+
+
 def test_rescan_changed_content_gets_a_new_id(tmp_path: Path) -> None:
     d, work = tmp_path / "data", tmp_path / "work"
     save(d / "a.png", seed=0)

@@ -323,3 +323,14 @@ def test_open_rgb_raises_badimage_for_bad_input(tmp_path) -> None:
     p = tmp_path / "a.png"
     p.write_bytes(encode(noise(), "PNG"))
     assert open_rgb(p).size == (96, 64) and open_rgb(str(p)).mode == "RGB"
+
+
+def test_pillow_limits_are_restored_after_concurrent_use() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    data = encode(noise(400, 300), "PNG")
+    with ThreadPoolExecutor(4) as pool:
+        sizes = list(pool.map(lambda _: open_rgb(io.BytesIO(data)).size, range(32)))
+    assert sizes == [(400, 300)] * 32
+    assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == saved

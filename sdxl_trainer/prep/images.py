@@ -17,6 +17,7 @@ import hashlib
 import io
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -71,14 +72,26 @@ class BadImage(Exception):
         super().__init__(f"{code}: {detail}")
 
 
+_limits_lock = threading.Lock()
+_limits_state: dict[str, Any] = {"depth": 0, "saved": None}
+
+
 @contextmanager
 def _own_limits() -> Iterator[None]:
-    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
+    # Counted, so that threads opening images at the same time restore Pillow's values only when the
+    # last one leaves (a plain save/restore per call could leave them switched for good).
+    with _limits_lock:
+        if _limits_state["depth"] == 0:
+            _limits_state["saved"] = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
+        _limits_state["depth"] += 1
     try:
         yield
     finally:
-        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+        with _limits_lock:
+            _limits_state["depth"] -= 1
+            if _limits_state["depth"] == 0:
+                Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = _limits_state["saved"]
 
 
 def _open(fp: IO[bytes]) -> Image.Image:
@@ -254,6 +267,8 @@ def _probe(data: bytes, facts: dict[str, Any], *, full: bool, max_pixels: int, m
     if min(im.size) < min_side:  # rotation cannot change the short side
         raise BadImage("too_small", f"{im.size[0]}×{im.size[1]}, short side < min_side {min_side}")
     facts["n_frames"], flags = _count_frames(im)
+    # What can fail in the RGB conversion fails here (an unsupported mode, an ICC profile littleCMS
+    # cannot use), so converting the decoded pixels again would only cost time (≈ the decode, for RGBA).
     facts["conversion"] = conversion_for(im, alpha_background=background)
     if full:
         if im.format in ("JPEG", "MPO"):
@@ -262,7 +277,6 @@ def _probe(data: bytes, facts: dict[str, Any], *, full: bool, max_pixels: int, m
             im.draft(im.mode, (1, 1))
         _load(im)
         orientation, more = exif_orientation(im, loaded=True)
-        apply_orientation(to_rgb(im, alpha_background=background), orientation)
     else:
         orientation, more = exif_orientation(im, loaded=False)
     w, h = display_size((facts["width"], facts["height"]), orientation)

@@ -176,8 +176,8 @@ def load_previous(cfg: ScanConfig, source_meta: dict) -> dict[str, dict]:
         return {}
     try:
         table, meta = read_table(path, artifact="manifest", produced_by=PRODUCED_BY)
-    except UserError as e:
-        console.info(f"[yellow]previous manifest not reused ({e.what}); reading every file[/]")
+    except (UserError, OSError, pa.ArrowException) as e:  # foreign, out of date or damaged: start over
+        console.info(f"[yellow]previous manifest not reused ({getattr(e, 'what', e)}); reading every file[/]")
         return {}
     old = meta.get("config", {})
     changed = [k for k in PROBE_OPTIONS if old.get(k) != getattr(cfg, k)]
