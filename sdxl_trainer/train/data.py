@@ -1,0 +1,381 @@
+"""The trainer's data: cached rows → training batches, with exact-resume randomness and prefetch.
+
+Reads ``WORK/cache`` through :mod:`sdxl_trainer.cache_format` only (never ``prep``). Pieces:
+
+- :func:`scan_cache` — one pass over the shards' small columns at start-up: which rows have a flip
+  copy, which ids are held out for validation (a hash of the id, so the split is the same in every
+  run), and the tag weights joined by id;
+- :class:`CacheDataset` — a :class:`~sdxl_trainer.train.sampler.BatchSpec` → a batch of tensors:
+  per sample a caption variant, the flip copy, a fresh latent draw ``mean + std·ε`` and
+  unconditional-prompt dropout, all drawn from generators keyed by (seed, epoch, step, position in
+  the global batch), so a resumed run — or another world size — draws exactly the same;
+- :class:`CacheLoader` — reads ahead ``prefetch`` batches on a few threads (bounded memory),
+  re-raises reader errors in the consumer, and keeps the position of what it has handed out.
+
+docs/data-loading.md describes the batch, the randomness and the performance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from sdxl_trainer.cache_format import CacheDims, Group, Shard, list_groups, load_uncond, read_meta
+from sdxl_trainer.cache_format.layout import samples_dir
+from sdxl_trainer.errors import UserError
+from sdxl_trainer.schema import read_table
+from sdxl_trainer.train.sampler import BatchSpec, BucketBatchSampler, FixedBatches
+
+_READER_STREAM = 0x5EED  # keeps the reader's generators apart from the sampler's (same seed)
+TAG_WEIGHTS_PRODUCER = "sdxl prep weights"
+
+
+def holdout_hash(ids: list[str]) -> np.ndarray:
+    """A uniform uint64 per id (BLAKE2b of the id): the split does not depend on seed or order."""
+    digest = (hashlib.blake2b(i.encode(), digest_size=8).digest() for i in ids)
+    return np.fromiter((int.from_bytes(d, "little") for d in digest), dtype=np.uint64, count=len(ids))
+
+
+def holdout_mask(hashes: np.ndarray, *, fraction: float = 0.0, count: int = 0) -> np.ndarray:
+    """Held-out rows: hash below ``fraction`` of the range, or the ``count`` smallest hashes."""
+    if fraction and count:
+        raise ValueError("give holdout_fraction or holdout_count, not both")
+    if not 0.0 <= fraction < 1.0 or count < 0:
+        raise ValueError(f"holdout_fraction={fraction} must be in [0, 1) and holdout_count={count} ≥ 0")
+    if count:
+        if count >= hashes.size:
+            raise UserError(
+                f"holdout_count={count} leaves no training rows (the cache has {hashes.size})",
+                where="validation split",
+                fix="hold out fewer images",
+            )
+        return hashes <= np.partition(hashes, count - 1)[count - 1]
+    return hashes < np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
+
+
+def join_tag_weights(path: Path, ids: pa.ChunkedArray) -> np.ndarray:
+    """float32 weight of every id in ``ids`` from WORK/tag_weights.parquet; every id must be there."""
+    table, _ = read_table(Path(path), artifact="tag_weights", produced_by=TAG_WEIGHTS_PRODUCER)
+    where = pc.index_in(ids, value_set=table.column("id").combine_chunks())
+    if where.null_count:
+        first = ids.filter(pc.is_null(where))[0].as_py()
+        raise UserError(
+            f"{where.null_count} cached image(s) have no tag weight (first: id {first})",
+            where=str(path),
+            fix="re-run `sdxl prep weights WORK` on the work dir the cache was built from",
+        )
+    weights = table.column("weight").take(where).to_numpy().astype(np.float32)
+    if not (np.isfinite(weights).all() and (weights >= 0).all()):
+        raise UserError("tag weights must be finite and ≥ 0", where=str(path), fix="re-run `sdxl prep weights WORK`")
+    return weights
+
+
+@dataclass
+class CacheIndex:
+    """What the trainer knows about every row without reading its tensors; per group, flat over shards."""
+
+    dims: CacheDims
+    shards: dict[Group, list[Path]]
+    offsets: dict[Group, np.ndarray]  # first flat index of each shard
+    has_flip: dict[Group, np.ndarray]  # bool per row
+    tag_weight: dict[Group, np.ndarray] | None  # float32 per row, None without a weights file
+    train: dict[Group, list[np.ndarray]]  # row indices per shard
+    holdout: dict[Group, list[np.ndarray]]
+    holdout_ids: list[str]
+
+
+def _check_complete(cache_dir: Path, meta: dict, groups: Mapping[Group, list]) -> None:
+    listed = {s["path"] for s in meta["shards"]}
+    visible = {i.path.relative_to(samples_dir(cache_dir)).as_posix() for infos in groups.values() for i in infos}
+    if listed != visible:
+        odd = sorted(listed ^ visible)[0]
+        raise UserError(
+            f"the cache's shards differ from cache_meta.json ({odd} is {'missing' if odd in listed else 'not listed'})",
+            where=str(cache_dir),
+            fix="finish the cache: re-run `sdxl prep cache WORK --model MODEL` (it resumes and re-finalises)",
+        )
+
+
+def scan_cache(
+    cache_dir: Path, *, holdout_fraction: float = 0.0, holdout_count: int = 0, tag_weights: Path | None = None
+) -> CacheIndex:
+    """Read the ids and flip flags of every shard of a finished cache and build the index."""
+    cache_dir = Path(cache_dir)
+    meta = read_meta(cache_dir)  # a clear error until `prep cache` has finalised
+    groups = list_groups(cache_dir)
+    _check_complete(cache_dir, meta, groups)
+    keys = sorted(groups)
+    ids, flips, counts = [], {}, {}
+    for g in keys:
+        tables = [pq.read_table(info.path, columns=["id", "crop_left_flip"]) for info in groups[g]]
+        counts[g] = [t.num_rows for t in tables]
+        ids.extend(t.column("id") for t in tables)
+        flips[g] = np.concatenate([np.asarray(t.column("crop_left_flip").is_valid()) for t in tables])
+    all_ids = pa.chunked_array([c for col in ids for c in col.chunks], type=pa.string())
+    held = holdout_mask(holdout_hash(all_ids.to_pylist()), fraction=holdout_fraction, count=holdout_count)
+    weights = None if tag_weights is None else join_tag_weights(tag_weights, all_ids)
+    index = CacheIndex(CacheDims.from_dict(meta["dims"]), {}, {}, flips, None if weights is None else {}, {}, {}, [])
+    index.holdout_ids = sorted(all_ids.filter(pa.array(held)).to_pylist())
+    start = 0
+    for g in keys:
+        n = sum(counts[g])
+        index.shards[g] = [info.path for info in groups[g]]
+        index.offsets[g] = np.concatenate([[0], np.cumsum(counts[g])[:-1]]).astype(np.int64)
+        if weights is not None:
+            index.tag_weight[g] = weights[start : start + n]
+        bounds = list(zip(index.offsets[g].tolist(), counts[g]))
+        mine = held[start : start + n]
+        index.train[g] = [np.flatnonzero(~mine[o : o + c]) for o, c in bounds]
+        index.holdout[g] = [np.flatnonzero(mine[o : o + c]) for o, c in bounds]
+        start += n
+    return index
+
+
+def uncond_text(hidden: torch.Tensor, *, n_chunks: int, tokens_per_chunk: int) -> torch.Tensor:
+    """The empty prompt at ``n_chunks`` chunks: an empty prompt's extra chunks are all the empty chunk
+    (BOS EOS pad…, encoded alone), so its last stored chunk is repeated, or chunks are dropped."""
+    chunks = hidden.reshape(-1, tokens_per_chunk, hidden.shape[-1])
+    if n_chunks > chunks.shape[0]:
+        chunks = torch.cat([chunks, chunks[-1:].expand(n_chunks - chunks.shape[0], -1, -1)])
+    return chunks[:n_chunks].reshape(n_chunks * tokens_per_chunk, -1).contiguous()
+
+
+def sample_choices(
+    *, seed: int, epoch: int, step: int, positions: np.ndarray, variants: int
+) -> dict[str, np.ndarray]:
+    """Per sample: caption variant (uniform), two uniforms (flip, dropout), a latent-noise seed.
+
+    Each sample's generator is keyed by (seed, epoch, step, position): the same sample of the same
+    global batch draws the same, whatever the rank split, the prefetch depth or a resume.
+    """
+    kinds = {"variant": np.int64, "u_flip": np.float64, "u_uncond": np.float64, "noise_seed": np.int64}
+    out = {k: np.empty(len(positions), dtype=t) for k, t in kinds.items()}
+    for j, p in enumerate(positions.tolist()):
+        rng = np.random.default_rng([seed, epoch, step, p, _READER_STREAM])
+        out["variant"][j] = rng.integers(variants)
+        out["u_flip"][j], out["u_uncond"][j] = rng.random(2)
+        out["noise_seed"][j] = rng.integers(2**63 - 1)
+    return out
+
+
+def sample_latents(
+    out: torch.Tensor, rows: np.ndarray, mean: torch.Tensor, std: torch.Tensor, seeds: np.ndarray
+) -> None:
+    """``out[rows[j]] = mean[j] + std[j]·ε``, ε ~ N(0, I) in fp32 from a generator seeded by ``seeds[j]``."""
+    g = torch.Generator()
+    for j, (i, s) in enumerate(zip(rows.tolist(), seeds.tolist())):
+        g.manual_seed(s)
+        torch.randn(out[i].shape, generator=g, out=out[i])
+        out[i].mul_(std[j]).add_(mean[j])
+
+
+class CacheDataset:
+    """Batches of a finished cache: see :meth:`load`. Thread-safe (each thread opens its own shards)."""
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        *,
+        seed: int = 0,
+        p_flip: float = 0.5,
+        p_uncond: float = 0.0,
+        tag_weights: Path | None = None,
+        holdout_fraction: float = 0.0,
+        holdout_count: int = 0,
+        pin_memory: bool = False,
+        max_open_shards: int = 64,
+        arrow_threads: bool = False,
+    ):
+        if not (0.0 <= p_flip <= 1.0 and 0.0 <= p_uncond <= 1.0) or seed < 0 or max_open_shards < 1:
+            raise ValueError(
+                f"need p_flip, p_uncond in [0, 1], seed ≥ 0, max_open_shards ≥ 1; "
+                f"got {p_flip}, {p_uncond}, {seed}, {max_open_shards}"
+            )
+        if pin_memory and not torch.cuda.is_available():
+            raise ValueError("pin_memory needs CUDA")
+        self.cache_dir, self.seed, self.p_flip, self.p_uncond = Path(cache_dir), seed, p_flip, p_uncond
+        self.pin_memory, self.max_open_shards, self.arrow_threads = pin_memory, max_open_shards, arrow_threads
+        self.index = scan_cache(
+            self.cache_dir, holdout_fraction=holdout_fraction, holdout_count=holdout_count, tag_weights=tag_weights
+        )
+        self.dims = self.index.dims
+        self._uncond: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if p_uncond > 0:
+            u = load_uncond(self.cache_dir)
+            for n in sorted({g.n_chunks for g in self.index.shards}):
+                hidden = uncond_text(u["text_hidden"], n_chunks=n, tokens_per_chunk=self.dims.tokens_per_chunk)
+                self._uncond[n] = (hidden, u["text_pooled"])
+        self._local = threading.local()
+
+    def train_sampler(self, *, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = True,
+                      shard_window: int | None = None) -> BucketBatchSampler:  # fmt: skip
+        return BucketBatchSampler(self.index.train, batch_size=batch_size, seed=self.seed, rank=rank,
+                                  world_size=world_size, drop_last=drop_last, shard_window=shard_window)  # fmt: skip
+
+    def holdout_batches(self, *, batch_size: int, rank: int = 0, world_size: int = 1) -> FixedBatches:
+        return FixedBatches(self.index.holdout, batch_size=batch_size, rank=rank, world_size=world_size)
+
+    def _shard(self, group: Group, s: int) -> Shard:
+        """This thread's open shard (an LRU of ``max_open_shards``: a Parquet footer is parsed once)."""
+        cache = getattr(self._local, "shards", None)
+        if cache is None:
+            cache = self._local.shards = OrderedDict()
+        shard = cache.get((group, s))
+        if shard is None:
+            shard = Shard(self.index.shards[group][s], use_threads=self.arrow_threads)
+            if shard.group != group or shard.dims != self.dims:
+                raise UserError("shard does not match its folder or the cache's dims", where=str(shard.path),
+                                fix="rebuild the cache with `sdxl prep cache WORK --model MODEL --overwrite`")  # fmt: skip
+            cache[(group, s)] = shard
+            if len(cache) > self.max_open_shards:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end((group, s))
+        return shard
+
+    def _empty(self, group: Group, n: int) -> dict[str, Any]:
+        d, pin = self.dims, self.pin_memory
+        return {
+            "latents": torch.empty((n, *d.latent_shape(group.bucket_width, group.bucket_height)), pin_memory=pin),
+            "text_hidden": torch.empty((n, *d.text_shape(group.n_chunks)), dtype=torch.float16, pin_memory=pin),
+            "text_pooled": torch.empty((n, *d.pooled_shape()), dtype=torch.float16, pin_memory=pin),
+            "time_ids": torch.empty((n, 6), pin_memory=pin),
+            "tag_weight": torch.ones(n).pin_memory() if pin else torch.ones(n),
+            "ids": [""] * n,
+            "captions": [""] * n,
+        }
+
+    def load(self, spec: BatchSpec, *, augment: bool = True) -> dict[str, Any]:
+        """Read one batch. Keys: ``latents`` (B,C,h,w) fp32, raw (un-normalised) VAE latents;
+        ``text_hidden`` (B, n·77, D) and ``text_pooled`` (B, P) fp16; ``time_ids`` (B, 6) fp32 in SDXL's
+        order (original h, w, crop top, left, target h, w); ``tag_weight`` (B,) fp32 (1 without a
+        weights file); ``ids``, ``captions`` (lists; "" where dropped); ``flipped``, ``uncond`` (B,) bool;
+        ``group``, ``epoch``, ``step``. ``augment=False`` (validation): variant 0, no flip, no dropout,
+        and the posterior mean as the latent.
+        """
+        group, n = spec.group, len(spec.row)
+        flat = self.index.offsets[group][spec.shard] + spec.row
+        if augment:
+            ch = sample_choices(seed=self.seed, epoch=spec.epoch, step=spec.step, positions=spec.position,
+                                variants=self.dims.variants)  # fmt: skip
+            variant, drop = ch["variant"], ch["u_uncond"] < self.p_uncond
+            flip = self.index.has_flip[group][flat] & (ch["u_flip"] < self.p_flip)
+        else:
+            variant, flip, drop = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        out = self._empty(group, n)
+        for s in np.unique(spec.shard).tolist():  # one read per shard the batch touches
+            pos = np.flatnonzero(spec.shard == s)
+            part = self._shard(group, s).read_rows(spec.row[pos], variant=variant[pos], flip=flip[pos])
+            tpos = torch.from_numpy(pos)
+            out["text_hidden"][tpos] = part["text_hidden"]
+            out["text_pooled"][tpos] = part["text_pooled"]
+            out["time_ids"][tpos] = part["micro_conditioning"].to(torch.float32)
+            for j, i in enumerate(pos.tolist()):
+                out["ids"][i], out["captions"][i] = part["id"][j], part["captions"][j]
+            if augment:
+                sample_latents(out["latents"], pos, part["latent_mean"], part["latent_std"], ch["noise_seed"][pos])
+            else:
+                out["latents"][tpos] = part["latent_mean"].to(torch.float32)
+        if drop.any():
+            hidden, pooled = self._uncond[group.n_chunks]
+            out["text_hidden"][torch.from_numpy(drop)] = hidden
+            out["text_pooled"][torch.from_numpy(drop)] = pooled
+            out["captions"] = ["" if d else c for c, d in zip(out["captions"], drop.tolist())]
+        if self.index.tag_weight is not None:
+            out["tag_weight"].copy_(torch.from_numpy(self.index.tag_weight[group][flat]))
+        out.update(flipped=torch.from_numpy(flip.copy()), uncond=torch.from_numpy(drop.copy()), group=group,
+                   epoch=spec.epoch, step=spec.step)  # fmt: skip
+        return out
+
+
+class CacheLoader:
+    """Iterates a dataset's batches in the order of ``batches`` with ``workers`` reader threads
+    keeping up to ``prefetch`` batches ready (bounded memory: at most ``prefetch`` in flight).
+
+    ``for batch in loader`` yields the rest of the current epoch (the position lives in
+    ``batches`` and moves as each batch is handed out, so ``state_dict()`` taken between steps
+    names the next batch to train on; prefetched but undelivered batches are simply re-read after
+    a resume). Leaving a loop early cancels its read-ahead; :meth:`close` (or ``with``) also joins
+    the threads. An exception in a reader is raised here, in the consumer.
+    """
+
+    def __init__(
+        self,
+        dataset: CacheDataset,
+        batches: BucketBatchSampler | FixedBatches,
+        *,
+        prefetch: int = 4,
+        workers: int = 1,
+        augment: bool = True,
+    ):
+        if prefetch < 1 or workers < 1:
+            raise ValueError(f"prefetch={prefetch} and workers={workers} must be ≥ 1")
+        self.dataset, self.batches, self.augment = dataset, batches, augment
+        self.prefetch, self.workers = prefetch, workers
+        self._active: Iterator[dict[str, Any]] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._stop()  # one read-ahead at a time: a new loop starts from the delivered position
+        if self._pool is None:  # kept across epochs, so each thread's open shards stay open
+            self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sdxl-cache-reader")
+        self._active = self._run(self._pool, self.batches.batches(self.batches.epoch)[self.batches.step :])
+        return self._active
+
+    def _run(self, pool: ThreadPoolExecutor, specs: list[BatchSpec]) -> Iterator[dict[str, Any]]:
+        todo = iter(specs)
+        pending: deque[Future] = deque()
+        try:
+            for spec in islice(todo, self.prefetch):
+                pending.append(pool.submit(self.dataset.load, spec, augment=self.augment))
+            while pending:
+                batch = pending.popleft().result()  # re-raises a reader's exception here
+                for spec in islice(todo, 1):
+                    pending.append(pool.submit(self.dataset.load, spec, augment=self.augment))
+                self.batches.advance()
+                yield batch
+        finally:
+            for f in pending:
+                f.cancel()
+            wait(pending)  # nothing keeps running for a loop that has ended
+
+    def _stop(self) -> None:
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+
+    def close(self) -> None:
+        """Stop reading ahead and join the reader threads; iterating again starts new ones."""
+        self._stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "CacheLoader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any], *, strict: bool = True) -> None:
+        self._stop()
+        self.batches.load_state_dict(state, strict=strict)
