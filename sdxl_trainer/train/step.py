@@ -1,0 +1,256 @@
+"""One training update of the SDXL UNet, built from the diffusion core (docs/diffusion.md §3–5).
+
+Per micro-batch: normalise the cached latents, draw a level (σ, or t for flow) and noise, build the
+UNet input and target with the objective, run the UNet under autocast with SDXL's added conditioning
+(pooled text embedding + micro-conditioning time ids), weight the per-sample MSE (min-SNR × tag
+weight), and back-propagate loss/k. After k micro-batches: unscale (fp16), measure the gradient norm
+and clip, then step — or skip the whole update when the loss or the gradient is not finite.
+
+Everything configurable is fixed when :func:`build_train_step` runs; the step reads no config.
+Host synchronisation: none per micro-batch; one boolean read per update, the skip decision (the
+optimiser call itself cannot be made conditional on a device tensor for every optimiser, and the
+caller needs the answer anyway to count consecutive skips and to gate the EMA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from sdxl_trainer.diffusion import (
+    Objective,
+    build_level_sampler,
+    build_loss_weight,
+    build_noise_sampler,
+    build_objective,
+    make_training_inputs,
+    weighted_mse,
+)
+from sdxl_trainer.errors import UserError
+from sdxl_trainer.schema import read_json
+from sdxl_trainer.train.state import TrainState
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LATENT_NORMS = ("scaling_factor", "per_channel")
+STATS_PRODUCER = "sdxl prep stats WORK --model MODEL"
+BATCH_KEYS = ("latents", "text_hidden", "text_pooled", "time_ids", "tag_weight")
+
+
+# ── latent normalisation ─────────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class LatentNorm:
+    """z = (z_raw − shift)·scale per channel: SDXL's z·scaling_factor, or NovelAI's (z − mean)/std."""
+
+    shift: torch.Tensor  # (C,) fp32
+    scale: torch.Tensor  # (C,) fp32
+
+    def __call__(self, raw: torch.Tensor) -> torch.Tensor:
+        view = (1, -1, *([1] * (raw.ndim - 2)))
+        return (raw.float() - self.shift.view(view)) * self.scale.view(view)
+
+    def to(self, device: torch.device | str) -> "LatentNorm":
+        return LatentNorm(self.shift.to(device), self.scale.to(device))
+
+
+def scaling_factor_norm(scaling_factor: float, *, channels: int = 4) -> LatentNorm:
+    """SDXL's own normalisation: z = z_raw·scaling_factor (0.13025), the same for every channel."""
+    if not scaling_factor > 0:
+        raise UserError(f"latent scaling_factor {scaling_factor} must be > 0", where="latents.scaling_factor")
+    return LatentNorm(torch.zeros(channels), torch.full((channels,), float(scaling_factor)))
+
+
+def per_channel_norm(*, mean: Sequence[float], std: Sequence[float]) -> LatentNorm:
+    """NovelAI V3's scale-and-shift: z = (z_raw − mean_c)/std_c, measured by `sdxl prep stats`."""
+    mean_t, std_t = torch.tensor(list(mean), dtype=torch.float64), torch.tensor(list(std), dtype=torch.float64)
+    if mean_t.shape != std_t.shape or mean_t.ndim != 1:
+        raise UserError(f"latent mean ({len(mean)}) and std ({len(std)}) need one value per channel")
+    if not (torch.isfinite(mean_t).all() and torch.isfinite(std_t).all() and (std_t > 0).all()):
+        raise UserError("latent statistics must be finite with std > 0", fix="re-run `sdxl prep stats`")
+    return LatentNorm(mean_t.float(), (1.0 / std_t).float())
+
+
+def read_latent_stats(path: Path) -> LatentNorm:
+    """WORK/latent_stats.json → the per-channel normalisation."""
+    doc = read_json(Path(path), artifact="latent_stats", produced_by=STATS_PRODUCER)
+    try:
+        return per_channel_norm(mean=doc["mean"], std=doc["std"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"latent_stats.json lacks per-channel mean/std ({e})", where=str(path),
+                        fix=f"re-run `{STATS_PRODUCER}`") from None  # fmt: skip
+
+
+def build_latent_norm(kind: str, *, scaling_factor: float | None = None, stats_path: Path | None = None,
+                      channels: int = 4) -> LatentNorm:  # fmt: skip
+    """"scaling_factor" (needs `scaling_factor`) | "per_channel" (needs WORK/latent_stats.json)."""
+    if kind == "scaling_factor":
+        if scaling_factor is None:
+            raise UserError("latent normalisation scaling_factor needs the VAE's scaling_factor")
+        return scaling_factor_norm(scaling_factor, channels=channels)
+    if kind == "per_channel":
+        if stats_path is None:
+            raise UserError("per_channel latent normalisation needs WORK/latent_stats.json",
+                            fix=f"run `{STATS_PRODUCER}` first")  # fmt: skip
+        norm = read_latent_stats(stats_path)
+        if norm.shift.numel() != channels:
+            raise UserError(f"latent_stats.json has {norm.shift.numel()} channels, the UNet takes {channels}",
+                            where=str(stats_path), fix="measure the stats with this model's VAE")  # fmt: skip
+        return norm
+    raise UserError(f"unknown latent normalisation {kind!r}", fix=f"use one of {', '.join(LATENT_NORMS)}")
+
+
+# ── the step ─────────────────────────────────────────────────────────────────────────────────────
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # mean weighted loss over the update's micro-batches (this rank), detached, on device
+    grad_norm: torch.Tensor  # total gradient norm before clipping (after the DDP all-reduce), on device
+    skipped: bool  # the update was not applied: non-finite loss or gradient
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """The callables of one run's update, fixed at build time (see :func:`build_train_step`)."""
+
+    objective: Objective
+    sample_level: Callable[..., torch.Tensor]
+    sample_noise: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+    loss_weight: Callable[..., torch.Tensor]
+    normalize: LatentNorm
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: fp32 throughout
+    grad_accum: int
+    max_grad_norm: float | None  # None: measure the norm, do not clip
+    use_tag_weights: bool
+    world_size: int
+    scaler: Any  # torch.amp.GradScaler for fp16, else None; its state_dict belongs in the checkpoint
+
+    def to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The batch's tensors on the training device (non-blocking from pinned memory)."""
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def loss(self, unet: nn.Module, batch: Mapping[str, Any], *, generator: torch.Generator) -> torch.Tensor:
+        """The weighted loss of one micro-batch (a scalar on the device; not divided by k)."""
+        b = self.to_device(batch)
+        x0 = self.normalize(b["latents"])
+        level = self.sample_level(x0.shape[0], generator=generator)
+        noise, input_noise = self.sample_noise(x0, generator=generator)
+        noisy, timestep, target, info = make_training_inputs(x0, noise, level, objective=self.objective,
+                                                             input_noise=input_noise)  # fmt: skip
+        cond_dtype = torch.float32  # autocast casts for the matmuls; fp32 keeps the fp32 path exact
+        added = {"text_embeds": b["text_pooled"].to(cond_dtype), "time_ids": b["time_ids"].to(cond_dtype)}
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):  # fmt: skip
+            output = unet(noisy, timestep, encoder_hidden_states=b["text_hidden"].to(cond_dtype),
+                          added_cond_kwargs=added, return_dict=False)[0]  # fmt: skip
+        external = b["tag_weight"] if self.use_tag_weights else None
+        return weighted_mse(output, target, self.loss_weight(info, external=external))
+
+    def update(
+        self,
+        model: nn.Module,
+        micro_batches: Sequence[Mapping[str, Any]],
+        *,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        state: TrainState,
+        ema: Any = None,
+        ema_source: nn.Module | None = None,
+    ) -> StepResult:
+        """Accumulate k micro-batches, clip, step — or skip — then count it in `state` and update `ema`.
+
+        `model` may be a DDP wrapper (gradients are all-reduced on the last micro-batch only);
+        `ema_source` is the unwrapped model the EMA was built from (default: `model`).
+        """
+        if len(micro_batches) != self.grad_accum:
+            raise ValueError(f"expected {self.grad_accum} micro-batches, got {len(micro_batches)}")
+        params = [p for p in model.parameters() if p.requires_grad]
+        total = torch.zeros((), device=self.device)
+        samples = 0
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            no_sync = getattr(model, "no_sync", None)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                loss = self.loss(model, batch, generator=generator)
+                scaled = loss / self.grad_accum
+                (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
+            total += loss.detach()
+            samples += int(batch["latents"].shape[0])
+        grad_norm = self._unscale_and_clip(params, optimizer)
+        finite = torch.isfinite(grad_norm)
+        if self.world_size == 1:  # under DDP the all-reduced gradient decides, identically on every rank
+            finite = finite & torch.isfinite(total)
+        skipped = not bool(finite)  # the one host read per update
+        if not skipped and self.scaler is None:
+            optimizer.step()
+        elif not skipped:
+            self.scaler.step(optimizer)
+        if self.scaler is not None:
+            self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        state.record(samples=samples * self.world_size, skipped=skipped)
+        if ema is not None and not skipped:
+            ema.update(ema_source if ema_source is not None else model, step=state.updates)
+        return StepResult(total / self.grad_accum, grad_norm.detach(), skipped)
+
+    def _unscale_and_clip(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            raise RuntimeError("no gradient reached the trainable parameters: is anything set to train?")
+        if self.max_grad_norm is None:
+            return torch.nn.utils.get_total_norm(grads)
+        return torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+
+
+def build_train_step(
+    *,
+    objective: str | Objective,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    grad_accum: int = 1,
+    max_grad_norm: float | None = 1.0,
+    normalize: LatentNorm,
+    weighting: str = "none",
+    gamma: float = 5.0,
+    min_snr_form: str = "objective",
+    use_tag_weights: bool = True,
+    offset_noise: float = 0.0,
+    input_perturbation: float = 0.0,
+    sigma_max: float | None = None,
+    level_options: Mapping[str, Any] | None = None,
+    world_size: int = 1,
+) -> TrainStep:
+    """Check every option once and fix the step's callables.
+
+    objective: "eps" | "v" | "v_ztsnr" | "flow" (or a built Objective); precision: "fp32" | "bf16" |
+    "fp16" (autocast; the weights stay fp32, fp16 adds a GradScaler); level_options: keyword
+    arguments of `build_level_sampler` (t_min, t_max, terminal_oversample, shift, logit_std).
+    """
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}", fix=f"use one of {', '.join(PRECISIONS)}")
+    if grad_accum < 1 or world_size < 1:
+        raise UserError(f"gradient accumulation ({grad_accum}) and world size ({world_size}) must be ≥ 1")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise UserError(f"max_grad_norm {max_grad_norm} must be > 0 (or unset: no clipping)")
+    try:
+        obj = build_objective(objective, sigma_max=sigma_max) if isinstance(objective, str) else objective
+        obj = obj.to(device)
+        sample_level = build_level_sampler(obj, **dict(level_options or {}))
+        sample_noise = build_noise_sampler(offset=offset_noise, perturbation=input_perturbation)
+        loss_weight = build_loss_weight(obj, kind=weighting, gamma=gamma, form=min_snr_form)
+    except ValueError as e:
+        raise UserError(str(e), where="objective / loss settings") from None
+    dtype = PRECISIONS[precision]
+    scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
+    return TrainStep(obj, sample_level, sample_noise, loss_weight, normalize.to(device), device, dtype, grad_accum,
+                     max_grad_norm, use_tag_weights, world_size, scaler)  # fmt: skip
