@@ -260,3 +260,22 @@ def test_train_state_round_trip():
     assert t == s and t.samples_seen == 16 and t.consecutive_skips == 1
     with pytest.raises(ValueError):
         t.load_state_dict({"step": 1})
+
+
+def test_train_config_round_trip_and_refusals(tmp_path):
+    from sdxl_trainer.config import TrainConfig, dump_config, load_config
+
+    cfg = load_config(TrainConfig, None, {"model": "m", "work": "w", "out": "o", "num_epochs": 2,
+                                          "objective.name": "v_ztsnr", "optimizer.betas": [0.9, 0.99]})  # fmt: skip
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(TrainConfig, tmp_path / "config.yaml") == cfg
+    assert cfg.optimizer.betas == (0.9, 0.99) and cfg.objective.sigma_max is None
+    base = {"model": "m", "work": "w", "out": "o"}
+    with pytest.raises(UserError, match="exactly one run length"):
+        load_config(TrainConfig, None, {**base, "num_steps": 1, "num_samples": 8})
+    with pytest.raises(UserError, match="do not apply to flow"):
+        load_config(TrainConfig, None, {**base, "num_steps": 1, "objective.name": "flow", "objective.sigma_max": 5.0})
+    with pytest.raises(UserError, match="held-out split"):
+        load_config(TrainConfig, None, {**base, "num_steps": 1, "validation.every_steps": 5})
+    with pytest.raises(UserError, match="learning_rate"):
+        load_config(TrainConfig, None, {**base, "num_steps": 1, "optimizer.learnig_rate": 1e-4})
