@@ -33,8 +33,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from sdxl_trainer.cache_format import CacheDims, Group, Shard, list_groups, load_uncond, read_meta
-from sdxl_trainer.cache_format.layout import samples_dir
+from sdxl_trainer.cache_format import CacheDims, Group, Shard, binary_to_tensor, list_groups, load_uncond, read_meta
+from sdxl_trainer.cache_format.layout import samples_dir, text_columns
+from sdxl_trainer.cache_format.reader import MICRO_COLUMNS
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.schema import read_table
 from sdxl_trainer.train.sampler import BatchSpec, BucketBatchSampler, FixedBatches
@@ -91,10 +92,23 @@ class CacheIndex:
     shards: dict[Group, list[Path]]
     offsets: dict[Group, np.ndarray]  # first flat index of each shard
     has_flip: dict[Group, np.ndarray]  # bool per row
+    stored: dict[Group, np.ndarray]  # uint8 (rows, V): the variant whose columns hold variant k's text
     tag_weight: dict[Group, np.ndarray] | None  # float32 per row, None without a weights file
     train: dict[Group, list[np.ndarray]]  # row indices per shard
     holdout: dict[Group, list[np.ndarray]]
     holdout_ids: list[str]
+
+
+def stored_variants(captions: pa.ChunkedArray, variants: int) -> np.ndarray:
+    """(rows, V) uint8: variant k's text is stored under the first variant with the same caption
+    (cache-format.md, "Variants"); computed once here so a read fetches the right columns directly."""
+    texts = [pc.list_element(captions, k) for k in range(variants)]
+    out = np.tile(np.arange(variants, dtype=np.uint8), (len(captions), 1))
+    for k in range(1, variants):
+        for j in reversed(range(k)):  # descending, so the earliest equal caption is assigned last
+            same = pc.equal(texts[j], texts[k]).to_numpy(zero_copy_only=False).astype(bool)
+            out[same, k] = j
+    return out
 
 
 def _check_complete(cache_dir: Path, meta: dict, groups: Mapping[Group, list]) -> None:
@@ -112,22 +126,24 @@ def _check_complete(cache_dir: Path, meta: dict, groups: Mapping[Group, list]) -
 def scan_cache(
     cache_dir: Path, *, holdout_fraction: float = 0.0, holdout_count: int = 0, tag_weights: Path | None = None
 ) -> CacheIndex:
-    """Read the ids and flip flags of every shard of a finished cache and build the index."""
+    """Read ids, flip flags and captions of every shard of a finished cache and build the index."""
     cache_dir = Path(cache_dir)
     meta = read_meta(cache_dir)  # a clear error until `prep cache` has finalised
+    dims = CacheDims.from_dict(meta["dims"])
     groups = list_groups(cache_dir)
     _check_complete(cache_dir, meta, groups)
     keys = sorted(groups)
-    ids, flips, counts = [], {}, {}
+    ids, flips, stored, counts = [], {}, {}, {}
     for g in keys:
-        tables = [pq.read_table(info.path, columns=["id", "crop_left_flip"]) for info in groups[g]]
+        tables = [pq.read_table(info.path, columns=["id", "crop_left_flip", "captions"]) for info in groups[g]]
         counts[g] = [t.num_rows for t in tables]
         ids.extend(t.column("id") for t in tables)
         flips[g] = np.concatenate([np.asarray(t.column("crop_left_flip").is_valid()) for t in tables])
+        stored[g] = np.concatenate([stored_variants(t.column("captions"), dims.variants) for t in tables])
     all_ids = pa.chunked_array([c for col in ids for c in col.chunks], type=pa.string())
     held = holdout_mask(holdout_hash(all_ids.to_pylist()), fraction=holdout_fraction, count=holdout_count)
     weights = None if tag_weights is None else join_tag_weights(tag_weights, all_ids)
-    index = CacheIndex(CacheDims.from_dict(meta["dims"]), {}, {}, flips, None if weights is None else {}, {}, {}, [])
+    index = CacheIndex(dims, {}, {}, flips, stored, None if weights is None else {}, {}, {}, [])
     index.holdout_ids = sorted(all_ids.filter(pa.array(held)).to_pylist())
     start = 0
     for g in keys:
@@ -179,7 +195,7 @@ def sample_latents(
     for j, (i, s) in enumerate(zip(rows.tolist(), seeds.tolist())):
         g.manual_seed(s)
         torch.randn(out[i].shape, generator=g, out=out[i])
-        out[i].mul_(std[j]).add_(mean[j])
+        out[i].mul_(std[j]).add_(mean[j])  # fp16 operands, fp32 result
 
 
 class CacheDataset:
@@ -268,37 +284,78 @@ class CacheDataset:
         """
         group, n = spec.group, len(spec.row)
         flat = self.index.offsets[group][spec.shard] + spec.row
+        ch = None
         if augment:
             ch = sample_choices(seed=self.seed, epoch=spec.epoch, step=spec.step, positions=spec.position,
                                 variants=self.dims.variants)  # fmt: skip
-            variant, drop = ch["variant"], ch["u_uncond"] < self.p_uncond
+            slot, drop = ch["variant"], ch["u_uncond"] < self.p_uncond
             flip = self.index.has_flip[group][flat] & (ch["u_flip"] < self.p_flip)
         else:
-            variant, flip, drop = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+            slot, flip, drop = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        # which text columns to read: the stored copy of the chosen variant; none for a dropped prompt
+        text = np.where(drop, -1, self.index.stored[group][flat, slot].astype(np.int64))
         out = self._empty(group, n)
-        for s in np.unique(spec.shard).tolist():  # one read per shard the batch touches
-            pos = np.flatnonzero(spec.shard == s)
-            part = self._shard(group, s).read_rows(spec.row[pos], variant=variant[pos], flip=flip[pos])
-            tpos = torch.from_numpy(pos)
-            out["text_hidden"][tpos] = part["text_hidden"]
-            out["text_pooled"][tpos] = part["text_pooled"]
-            out["time_ids"][tpos] = part["micro_conditioning"].to(torch.float32)
-            for j, i in enumerate(pos.tolist()):
-                out["ids"][i], out["captions"][i] = part["id"][j], part["captions"][j]
-            if augment:
-                sample_latents(out["latents"], pos, part["latent_mean"], part["latent_std"], ch["noise_seed"][pos])
-            else:
-                out["latents"][tpos] = part["latent_mean"].to(torch.float32)
+        # one read per (shard, flip, text) combination, fetching exactly the columns it needs
+        stride = self.dims.variants + 1
+        combos, which = np.unique((spec.shard * 2 + flip) * stride + text + 1, return_inverse=True)
+        for c, key in enumerate(combos.tolist()):
+            s, f, k = key // stride // 2, key // stride % 2, key % stride - 1
+            pos = np.flatnonzero(which == c)
+            table = self._shard(group, s).gather(spec.row[pos], _columns(flip=bool(f), text=k))
+            self._fill(out, table, group=group, pos=pos, slot=slot[pos], flip=bool(f), text=k >= 0,
+                       seeds=None if ch is None else ch["noise_seed"][pos])  # fmt: skip
         if drop.any():
             hidden, pooled = self._uncond[group.n_chunks]
             out["text_hidden"][torch.from_numpy(drop)] = hidden
             out["text_pooled"][torch.from_numpy(drop)] = pooled
-            out["captions"] = ["" if d else c for c, d in zip(out["captions"], drop.tolist())]
         if self.index.tag_weight is not None:
             out["tag_weight"].copy_(torch.from_numpy(self.index.tag_weight[group][flat]))
         out.update(flipped=torch.from_numpy(flip.copy()), uncond=torch.from_numpy(drop.copy()), group=group,
                    epoch=spec.epoch, step=spec.step)  # fmt: skip
         return out
+
+    def _fill(self, out: dict[str, Any], table: pa.Table, *, group: Group, pos: np.ndarray, slot: np.ndarray,
+              flip: bool, text: bool, seeds: np.ndarray | None) -> None:  # fmt: skip
+        """Copy one read's rows into batch positions ``pos`` (tensors straight from the Arrow buffers)."""
+        d = self.dims
+        latent = d.latent_shape(group.bucket_width, group.bucket_height)
+        mean, std = _row_views(table.column(0), latent), _row_views(table.column(1), latent)
+        if seeds is not None:
+            sample_latents(out["latents"], pos, mean, std, seeds)
+        else:
+            for j, i in enumerate(pos.tolist()):
+                out["latents"][i].copy_(mean[j])
+        if text:
+            hidden, pooled = _row_views(table.column(2), d.text_shape(group.n_chunks)), _row_views(table.column(3), d.pooled_shape())
+            for j, i in enumerate(pos.tolist()):
+                out["text_hidden"][i].copy_(hidden[j])
+                out["text_pooled"][i].copy_(pooled[j])
+        micro = np.stack([table.column(c).to_numpy() for c in MICRO_COLUMNS], axis=1)
+        if flip:  # the crop's left edge measured in the mirrored image
+            micro[:, 3] = table.column("crop_left_flip").to_numpy()
+        out["time_ids"][torch.from_numpy(pos)] = torch.from_numpy(micro.astype(np.float32))
+        ids, captions = table.column("id").to_pylist(), table.column("captions").to_pylist()
+        for j, i in enumerate(pos.tolist()):
+            out["ids"][i] = ids[j]
+            out["captions"][i] = captions[j][slot[j]] if text else ""
+
+
+def _one_intra_op_thread() -> None:
+    """Reader threads run torch ops on one core each (the setting is per thread; the caller's is kept):
+    a per-sample op is too small to split, and OpenMP teams per reader would oversubscribe the cores."""
+    torch.set_num_threads(1)
+
+
+def _columns(*, flip: bool, text: int) -> list[str]:
+    """Latent pair (plain or flipped), then the text pair stored at index ``text`` (none if < 0), then the small ones."""
+    latent = ["latent_mean_flip", "latent_std_flip"] if flip else ["latent_mean", "latent_std"]
+    texts = list(text_columns(text)) if text >= 0 else []
+    return [*latent, *texts, "id", "captions", *MICRO_COLUMNS, *(["crop_left_flip"] if flip else [])]
+
+
+def _row_views(column: pa.ChunkedArray, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """One read-only fp16 view per value, chunk by chunk (no concatenation copy)."""
+    return [row for chunk in column.chunks for row in binary_to_tensor(chunk, shape)]
 
 
 class CacheLoader:
@@ -334,7 +391,9 @@ class CacheLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._stop()  # one read-ahead at a time: a new loop starts from the delivered position
         if self._pool is None:  # kept across epochs, so each thread's open shards stay open
-            self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sdxl-cache-reader")
+            self._pool = ThreadPoolExecutor(
+                max_workers=self.workers, thread_name_prefix="sdxl-cache-reader", initializer=_one_intra_op_thread
+            )
         self._active = self._run(self._pool, self.batches.batches(self.batches.epoch)[self.batches.step :])
         return self._active
 
