@@ -327,8 +327,8 @@ class ScheduleSection(Section):
 
 
 class TrainDataSection(Section):
-    flip_p: float = Field(0.5, ge=0, le=1, description="chance of the cached flip copy, where one was cached")
-    uncond_p: float = Field(0.0, ge=0, le=1, description="unconditional-prompt dropout rate (for CFG)")
+    p_flip: float = Field(0.5, ge=0, le=1, description="chance of the cached flip copy, where one was cached")
+    p_uncond: float = Field(0.0, ge=0, le=1, description="unconditional-prompt dropout rate (for CFG)")
     prefetch: int = Field(4, ge=1, description="batches read ahead")
     workers: int = Field(2, ge=1, description="reader threads")
 

@@ -1,0 +1,357 @@
+"""`sdxl train`: the training loop, top to bottom — WORK/cache → RUN/checkpoints and RUN/metrics.jsonl.
+
+The pieces live in their own files (data.py, step.py, ema.py, optim.py, lr_schedule.py,
+checkpoint_dir.py); this file wires them in the order a reader expects:
+
+  1. processes and devices (torchrun or one process)
+  2. data: the cache reader and its bucket sampler
+  3. the model: UNet (full finetune or LoRA), attention backend, checkpointing, DDP, compile
+  4. optimiser, learning-rate schedule (counted in samples), EMA
+  5. the step, built once from the config (objective, weights, precision)
+  6. resume: every piece's state from the checkpoint
+  7. the loop: k micro-batches → one update → log → checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdxl_trainer import console, dist
+from sdxl_trainer.config import TrainConfig, dump_config
+from sdxl_trainer.errors import UserError
+from sdxl_trainer.models.export import save_diffusers_pipeline, save_single_file, unwrap_model
+from sdxl_trainer.models.loading import load_text_encoders, load_tokenizers, load_unet, load_vae, part_dir
+from sdxl_trainer.models.lora import add_lora, load_lora_state_dict, lora_state_dict, save_lora_diffusers, save_lora_kohya
+from sdxl_trainer.train.checkpoint_dir import (
+    keep_last,
+    load_state,
+    load_tensors,
+    prepare_checkpoints,
+    read_latest,
+    resolve_resume,
+    save_state,
+    save_tensors,
+    write_checkpoint,
+)
+from sdxl_trainer.train.data import CacheDataset, CacheLoader
+from sdxl_trainer.train.ema import EMA
+from sdxl_trainer.train.lr_schedule import LRSchedule
+from sdxl_trainer.train.optim import build_optimizer, param_groups
+from sdxl_trainer.train.state import TrainState
+from sdxl_trainer.train.step import TrainStep, build_latent_norm, build_train_step
+
+# Changing these between a checkpoint and its resume changes what the run *is*; --force accepts it.
+RESUME_FIXED = ("batch_size", "gradient_accumulation_steps", "objective", "lora", "latents")
+
+
+# ── 3. the model ────────────────────────────────────────────────────────────────────────────────
+
+
+def build_unet(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The fp32 master UNet: all of it trainable, or only a LoRA adapter on frozen weights."""
+    unet = load_unet(cfg.model, dtype=torch.float32, device=device)
+    if cfg.lora.enabled:
+        add_lora(unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                 target_modules=cfg.lora.target_modules)  # fmt: skip
+    else:
+        unet.requires_grad_(True)
+    if cfg.attention == "eager":  # diffusers' classic processor: for comparison, or where SDPA misbehaves
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet.train()
+
+
+def wrap_model(unet: torch.nn.Module, cfg: TrainConfig, info: dist.DistInfo, device: torch.device) -> torch.nn.Module:
+    """The one place the UNet gets wrapped (DDP now, FSDP later), then compiled; unwrap with unwrap_model."""
+    model = unet
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model, mode=cfg.compile_mode)
+    return model
+
+
+def trainable_state(unet: torch.nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """What training changed, in fp32: the adapter's tensors for LoRA, every parameter otherwise."""
+    if cfg.lora.enabled:
+        return lora_state_dict(unet)
+    return {n: p.detach() for n, p in unwrap_model(unet).named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable_state(unet: torch.nn.Module, cfg: TrainConfig, tensors: dict[str, torch.Tensor]) -> None:
+    if cfg.lora.enabled:
+        load_lora_state_dict(unet, tensors)
+        return
+    params = dict(unwrap_model(unet).named_parameters())
+    if set(tensors) != set(params):
+        raise UserError("the checkpoint's weights do not fit this UNet", fix="resume with the same --model")
+    for name, value in tensors.items():
+        params[name].copy_(value)
+
+
+# ── 5. the step ─────────────────────────────────────────────────────────────────────────────────
+
+
+def vae_scaling_factor(model_dir: Path) -> float:
+    return float(json.loads((part_dir(model_dir, "vae") / "config.json").read_text())["scaling_factor"])
+
+
+def make_step(cfg: TrainConfig, device: torch.device, world_size: int) -> TrainStep:
+    o, lo = cfg.objective, cfg.loss
+    norm = build_latent_norm(
+        cfg.latents.normalization,
+        scaling_factor=cfg.latents.scaling_factor or vae_scaling_factor(cfg.model),
+        stats_path=Path(cfg.work) / "latent_stats.json",
+    )
+    levels: dict[str, Any] = {"t_min": o.t_min, "t_max": o.t_max, "terminal_oversample": o.terminal_oversample}
+    if o.name == "flow":
+        levels.update(shift=o.flow_shift, logit_std=o.logit_std)
+    return build_train_step(
+        objective=o.name, sigma_max=o.sigma_max, device=device, precision=cfg.precision,
+        grad_accum=cfg.gradient_accumulation_steps, max_grad_norm=cfg.optimizer.max_grad_norm, normalize=norm,
+        weighting=lo.weighting, gamma=lo.gamma, min_snr_form=lo.min_snr_form, use_tag_weights=lo.tag_weights,
+        offset_noise=lo.offset_noise, input_perturbation=lo.input_perturbation, level_options=levels,
+        world_size=world_size,
+    )  # fmt: skip
+
+
+def reseed(generator: torch.Generator, *, seed: int, rank: int, step: int) -> None:
+    """Every update's randomness is a function of (seed, rank, step): a resume draws exactly the same."""
+    noise_seed, global_seed = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint64)
+    generator.manual_seed(int(noise_seed) >> 1)
+    torch.manual_seed(int(global_seed) >> 1)  # dropout (LoRA dropout) draws from the global generators
+
+
+def total_updates(cfg: TrainConfig, *, batches_per_epoch: int, global_batch: int) -> int:
+    """The run length in updates, from num_steps, num_samples or num_epochs."""
+    if cfg.num_steps is not None:
+        return cfg.num_steps
+    if cfg.num_samples is not None:
+        return math.ceil(cfg.num_samples / global_batch)
+    return max(1, math.ceil(cfg.num_epochs * batches_per_epoch / cfg.gradient_accumulation_steps))
+
+
+# ── 6. checkpoints and resume ───────────────────────────────────────────────────────────────────
+
+
+def save_checkpoint(cfg: TrainConfig, parts: dict[str, Any], *, exports: dict[str, Any]) -> Path:
+    """One atomic checkpoint folder: training state (exact resume) plus the formats users load."""
+    unet, state = parts["unet"], parts["state"]
+
+    def write(folder: Path) -> None:
+        save_tensors(folder / "trainable.safetensors", {k: v.contiguous() for k, v in trainable_state(unet, cfg).items()})
+        save_state(folder, "state", {
+            "train": state.state_dict(), "optimizer": parts["optimizer"].state_dict(),
+            "schedule": parts["schedule"].state_dict(), "data": parts["loader"].state_dict(),
+            "ema": None if parts["ema"] is None else parts["ema"].state_dict(),
+            "scaler": None if parts["step"].scaler is None else parts["step"].scaler.state_dict(),
+            "config": cfg.model_dump(mode="json"),
+        })  # fmt: skip
+        export_model(folder, cfg, unet, exports)
+
+    folder = write_checkpoint(Path(cfg.out), f"step-{state.step:06d}", write)
+    if cfg.checkpoints.keep_last:
+        keep_last(Path(cfg.out), cfg.checkpoints.keep_last)
+    return folder
+
+
+def export_model(folder: Path, cfg: TrainConfig, unet: torch.nn.Module, exports: dict[str, Any]) -> None:
+    """LoRA: diffusers/PEFT and kohya files. Full finetune: a diffusers folder and one single file."""
+    ck, unet = cfg.checkpoints, unwrap_model(unet)
+    if cfg.lora.enabled:
+        save_lora_diffusers(folder / "lora", unet, dtype=ck.dtype)
+        save_lora_kohya(folder / "lora_kohya.safetensors", unet, dtype=ck.dtype)
+        return
+    if not (ck.diffusers or ck.single_file):
+        return
+    if "vae" not in exports:  # the frozen parts, loaded on the writing rank the first time they are needed
+        exports.update(vae=load_vae(cfg.model), tokenizers=load_tokenizers(cfg.model),
+                       text_encoders=load_text_encoders(cfg.model))  # fmt: skip
+    te1, te2 = exports["text_encoders"]
+    norm = exports.get("latents", {})
+    if ck.diffusers:
+        tok1, tok2 = exports["tokenizers"]
+        save_diffusers_pipeline(folder / "diffusers", unet=unet, vae=exports["vae"], text_encoder=te1,
+                                text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2, objective=cfg.objective.name,
+                                flow_shift=cfg.objective.flow_shift,
+                                sigma_max=cfg.objective.sigma_max if cfg.objective.name == "v_ztsnr" else None,
+                                dtype=ck.dtype, config=cfg, **norm)  # fmt: skip
+    if ck.single_file:
+        save_single_file(folder / "model.safetensors", unet=unet, vae=exports["vae"], text_encoder=te1,
+                         text_encoder_2=te2, dtype=ck.dtype, objective=cfg.objective.name)  # fmt: skip
+
+
+def check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    now = cfg.model_dump(mode="json")
+    changed = [k for k in RESUME_FIXED if saved.get(k) != now.get(k)]
+    if changed and not cfg.force:
+        raise UserError(
+            f"the checkpoint was trained with other {', '.join(changed)} "
+            f"({'; '.join(f'{k}: {saved.get(k)} → {now.get(k)}' for k in changed)})",
+            where="--resume",
+            fix="resume with the checkpoint's settings, or pass --force to continue with the new ones",
+        )
+
+
+def resume(cfg: TrainConfig, parts: dict[str, Any]) -> Path:
+    folder = resolve_resume(Path(cfg.out), cfg.resume)
+    state = load_state(folder, "state")
+    check_resume_config(state["config"], cfg)
+    strict = not cfg.force
+    load_trainable_state(parts["unet"], cfg, load_tensors(folder / "trainable.safetensors"))
+    parts["optimizer"].load_state_dict(state["optimizer"])
+    parts["schedule"].load_state_dict(state["schedule"], strict=strict)
+    parts["loader"].load_state_dict(state["data"], strict=strict)
+    if (state["ema"] is None) != (parts["ema"] is None):
+        raise UserError("EMA was switched on or off since the checkpoint", where="ema.enabled",
+                        fix="resume with the checkpoint's EMA setting")  # fmt: skip
+    if parts["ema"] is not None:
+        parts["ema"].load_state_dict(state["ema"], strict=strict)
+    if parts["step"].scaler is not None and state["scaler"]:
+        parts["step"].scaler.load_state_dict(state["scaler"])
+    parts["state"].load_state_dict(state["train"])
+    return folder
+
+
+# ── 7. the loop ─────────────────────────────────────────────────────────────────────────────────
+
+
+def batch_stream(loader: CacheLoader):
+    """Batches forever: each pass of the loader is the rest of one epoch, the next pass the next epoch."""
+    while True:
+        yield from loader
+
+
+def log_line(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def checkpoint_due(cfg: TrainConfig, state: TrainState, samples_before: int) -> bool:
+    ck = cfg.checkpoints
+    if ck.every_steps is not None:
+        return state.step % ck.every_steps == 0
+    if ck.every_samples is not None:
+        return state.samples_seen // ck.every_samples > samples_before // ck.every_samples
+    return False
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train as configured; returns a summary (steps, samples, last loss, last checkpoint)."""
+    # 1. processes: one, or one per GPU under torchrun; every collective has a timeout
+    info = dist.init(device=cfg.device)
+    device = dist.local_device(info, cfg.device)
+    out = Path(cfg.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        prepare_checkpoints(out)
+        dump_config(cfg, out / "config.yaml")
+    dist.barrier(info, "train start")
+
+    # 2. data: bucket-pure batches from the cache, this rank's share, read ahead on threads
+    tag_weights = Path(cfg.work) / "tag_weights.parquet" if cfg.loss.tag_weights else None
+    dataset = CacheDataset(Path(cfg.work) / "cache", seed=cfg.seed, p_flip=cfg.data.p_flip, p_uncond=cfg.data.p_uncond,
+                           tag_weights=tag_weights, holdout_fraction=cfg.validation.holdout_fraction,
+                           holdout_count=cfg.validation.holdout_count)  # fmt: skip
+    sampler = dataset.train_sampler(batch_size=cfg.batch_size, rank=info.rank, world_size=info.world_size)
+    loader = CacheLoader(dataset, sampler, prefetch=cfg.data.prefetch, workers=cfg.data.workers)
+    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * info.world_size
+    n_updates = total_updates(cfg, batches_per_epoch=len(sampler), global_batch=global_batch)
+
+    # 3. the model (seeded alike on every rank, so a LoRA starts the same everywhere)
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg, device)
+    model = wrap_model(unet, cfg, info, device)
+
+    # 4. optimiser, schedule (in samples), EMA of the trainable weights
+    opt = cfg.optimizer
+    groups = param_groups(unet=unet, lr=opt.learning_rate, weight_decay=opt.weight_decay)
+    optimizer = build_optimizer(groups, name=opt.name, lr=opt.learning_rate, weight_decay=opt.weight_decay,
+                                betas=opt.betas, eps=opt.eps)  # fmt: skip
+    schedule = LRSchedule(optimizer, kind=cfg.schedule.kind, warmup_samples=cfg.schedule.warmup_samples,
+                          total_samples=n_updates * global_batch, min_factor=cfg.schedule.min_factor)  # fmt: skip
+    e = cfg.ema
+    ema = EMA(unet, decay=e.decay, warmup=e.warmup, power=e.power, update_every=e.update_every,
+              device="cpu" if e.device == "cpu" else None) if e.enabled else None  # fmt: skip
+
+    # 5. the step: every option turned into callables once
+    step = make_step(cfg, device, info.world_size)
+    generator = torch.Generator(device)
+    state = TrainState()
+    parts = dict(unet=model, optimizer=optimizer, schedule=schedule, loader=loader, ema=ema, step=step, state=state)
+    exports: dict[str, Any] = {}
+    if cfg.latents.normalization == "per_channel":  # exported so that pipelines decode with the same stats
+        exports["latents"] = {"latents_mean": step.normalize.shift.tolist(),
+                              "latents_std": (1.0 / step.normalize.scale).tolist()}  # fmt: skip
+
+    # 6. resume: weights, optimiser, schedule, data position, EMA, counters
+    if cfg.resume:
+        folder = resume(cfg, parts)
+        console.info(f"resumed from {folder} at step {state.step} ({state.samples_seen} samples)")
+
+    # 7. the loop
+    metrics, last_ckpt, last = out / "metrics.jsonl", None, {}
+    stream = batch_stream(loader)
+    window_loss, window_n, window_steps, window_t = torch.zeros((), device=device), 0, 0, time.perf_counter()
+    try:
+        with console.progress("train", total=n_updates, unit="step") as advance:
+            advance(state.step)
+            while state.step < n_updates:
+                micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
+                reseed(generator, seed=cfg.seed, rank=info.rank, step=state.step)
+                samples_before = state.samples_seen
+                schedule.step(state.samples_seen + global_batch)  # the rate of an update includes its batch
+                result = step.update(model, micro, optimizer=optimizer, generator=generator, state=state,
+                                     ema=ema, ema_source=unet)  # fmt: skip
+                advance(1)
+                window_steps += 1
+                if result.skipped:
+                    console.info(f"step {state.step}: non-finite loss or gradient, update skipped "
+                                 f"({state.consecutive_skips} in a row)")  # fmt: skip
+                    if state.consecutive_skips >= cfg.max_consecutive_skips:
+                        # the weights are still the last good ones: keep them, with the data moved past the bad batches
+                        if info.is_main:
+                            save_checkpoint(cfg, parts, exports=exports)
+                        raise UserError(
+                            f"{state.consecutive_skips} updates in a row had a non-finite loss or gradient",
+                            where=f"step {state.step}",
+                            fix=f"the weights before these updates are saved as {read_latest(out)}: resume from it with a "
+                                "lower learning rate, bf16 instead of fp16, or check the cache (sdxl prep cache --verify)",
+                        )  # fmt: skip
+                else:
+                    window_loss += result.loss
+                    window_n += 1
+                if info.is_main and (state.step % cfg.logging.every_steps == 0 or state.step == n_updates):
+                    now = time.perf_counter()
+                    last = {"step": state.step, "samples": state.samples_seen,
+                            "loss": float(window_loss) / max(window_n, 1) if window_n else None,
+                            "lr": schedule.lrs(), "grad_norm": float(result.grad_norm),
+                            "samples_per_s": window_steps * global_batch / max(now - window_t, 1e-9),
+                            "skipped": state.skipped, "epoch": sampler.epoch}  # fmt: skip
+                    if device.type == "cuda":
+                        last["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    log_line(metrics, last)
+                    window_loss.zero_()
+                    window_n, window_steps, window_t = 0, 0, now
+                if checkpoint_due(cfg, state, samples_before) or state.step == n_updates:
+                    if info.is_main:
+                        last_ckpt = save_checkpoint(cfg, parts, exports=exports)
+                    dist.barrier(info, f"checkpoint at step {state.step}")
+    finally:
+        loader.close()
+    dist.shutdown(info)
+    return {"steps": state.step, "samples": state.samples_seen, "skipped": state.skipped,
+            "last": last, "checkpoint": None if last_ckpt is None else str(last_ckpt)}  # fmt: skip

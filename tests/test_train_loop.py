@@ -1,0 +1,98 @@
+"""`train.loop.run` on the tiny model and a small cache built in the test: it trains, checkpoints, resumes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdxl_trainer.config import TrainConfig, load_config
+from sdxl_trainer.demo import demo_cache_config, demo_scan_config
+from sdxl_trainer.errors import UserError
+from sdxl_trainer.prep import cache, scan, stats
+from sdxl_trainer.config import StatsConfig
+from sdxl_trainer.train import loop
+from sdxl_trainer.train.step import TrainStep
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_model_dir, synthetic_data_dir) -> Path:
+    """scan → stats → cache of the synthetic set for the tiny model (read-only for the tests)."""
+    root = tmp_path_factory.mktemp("train_work")
+    data = Path(shutil.copytree(synthetic_data_dir, root / "data"))
+    work = root / "work"
+    scan.run(demo_scan_config(data, work, tiny_model_dir))
+    stats.run(StatsConfig(work=work, model=tiny_model_dir, device="cpu", max_images=16))
+    cache.run(demo_cache_config(work, tiny_model_dir))
+    return work
+
+
+def _cfg(model: Path, work: Path, out: Path, **overrides) -> TrainConfig:
+    base = {"model": str(model), "work": str(work), "out": str(out), "device": "cpu", "precision": "fp32",
+            "batch_size": 2, "num_steps": 4, "optimizer.learning_rate": 1e-4, "logging.every_steps": 1,
+            "checkpoints.diffusers": False, "checkpoints.single_file": False, "data.workers": 1}  # fmt: skip
+    base.update(overrides)
+    return load_config(TrainConfig, None, base)
+
+
+def test_trains_logs_and_exports(tiny_model_dir, work, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_model_dir, work, out, num_steps=3, gradient_accumulation_steps=2, **{
+        "objective.name": "v_ztsnr", "latents.normalization": "per_channel", "loss.weighting": "min_snr",
+        "ema.enabled": True, "ema.decay": 0.9, "checkpoints.diffusers": True, "checkpoints.single_file": True})  # fmt: skip
+    summary = loop.run(cfg)
+    assert summary["steps"] == 3 and summary["samples"] == 3 * 2 * 2 and summary["skipped"] == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert all(r["loss"] is not None and 0 < r["loss"] < 100 and r["grad_norm"] > 0 for r in lines)
+    ckpt = Path(summary["checkpoint"])
+    assert ckpt.name == "step-000003" and (out / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    assert (ckpt / "diffusers" / "model_index.json").is_file() and (ckpt / "model.safetensors").is_file()
+    vae_cfg = json.loads((ckpt / "diffusers" / "vae" / "config.json").read_text())
+    stats_doc = json.loads((work / "latent_stats.json").read_text())
+    assert vae_cfg["latents_mean"] == pytest.approx(stats_doc["mean"], rel=1e-6)
+    assert load_config(TrainConfig, out / "config.yaml") == cfg
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["train"]["updates"] == 3 and state["ema"]["num_updates"] == 3
+    # training moved the weights away from the base model
+    trained = load_file(ckpt / "trainable.safetensors")
+    from sdxl_trainer.models.loading import load_unet
+
+    base = dict(load_unet(tiny_model_dir).named_parameters())
+    assert not torch.equal(trained["conv_in.weight"], base["conv_in.weight"])
+
+
+def test_resume_continues_bitwise(tiny_model_dir, work, tmp_path):
+    full = loop.run(_cfg(tiny_model_dir, work, tmp_path / "a", **{"checkpoints.every_steps": 2, "loss.tag_weights": False}))
+    assert full["steps"] == 4
+    mid = tmp_path / "a" / "checkpoints" / "step-000002"
+    resumed = loop.run(_cfg(tiny_model_dir, work, tmp_path / "b", resume=str(mid),
+                            **{"checkpoints.every_steps": 2, "loss.tag_weights": False}))  # fmt: skip
+    assert resumed["steps"] == 4 and resumed["samples"] == full["samples"]
+    a = load_file(tmp_path / "a" / "checkpoints" / "step-000004" / "trainable.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "step-000004" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    m = load_file(mid / "trainable.safetensors")
+    assert not torch.equal(m["conv_in.weight"], a["conv_in.weight"])  # steps 3–4 did change the weights
+
+
+def test_resume_refuses_changed_batch_size(tiny_model_dir, work, tmp_path):
+    loop.run(_cfg(tiny_model_dir, work, tmp_path / "a", num_steps=1))
+    with pytest.raises(UserError, match="batch_size"):
+        loop.run(_cfg(tiny_model_dir, work, tmp_path / "a", num_steps=2, batch_size=1, resume="latest"))
+
+
+def test_stops_after_consecutive_skips_with_a_checkpoint(tiny_model_dir, work, tmp_path, monkeypatch):
+    real = TrainStep.loss
+    monkeypatch.setattr(TrainStep, "loss", lambda self, *a, **kw: real(self, *a, **kw) * float("nan"))
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="2 updates in a row"):
+        loop.run(_cfg(tiny_model_dir, work, out, **{"max_consecutive_skips": 2, "lora.enabled": True}))
+    ckpt = out / "checkpoints" / "step-000002"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["train"]["skipped"] == 2 and state["train"]["updates"] == 0
+    assert (ckpt / "lora_kohya.safetensors").is_file()
