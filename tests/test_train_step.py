@@ -279,3 +279,17 @@ def test_train_config_round_trip_and_refusals(tmp_path):
         load_config(TrainConfig, None, {**base, "num_steps": 1, "validation.every_steps": 5})
     with pytest.raises(UserError, match="learning_rate"):
         load_config(TrainConfig, None, {**base, "num_steps": 1, "optimizer.learnig_rate": 1e-4})
+
+
+@pytest.mark.parametrize("objective", ["v_ztsnr", "flow"])
+def test_ranks_draw_their_rows_of_the_single_process_draws(objective):
+    x0 = torch.randn(6, 4, 8, 8)
+    kw = {"objective": objective, "offset_noise": 0.1, "input_perturbation": 0.05}
+    one = _step(**kw).draw(x0, generator=torch.Generator().manual_seed(11))
+    parts = [_step(world_size=3, rank=r, **kw).draw(x0[2 * r : 2 * r + 2], generator=torch.Generator().manual_seed(11))
+             for r in range(3)]  # fmt: skip
+    for j in range(3):
+        torch.testing.assert_close(torch.cat([p[j] for p in parts]), one[j], rtol=0, atol=0)
+    assert not torch.equal(parts[0][1], parts[1][1])  # the ranks' rows differ
+    with pytest.raises(UserError, match="rank"):
+        _step(world_size=2, rank=2)

@@ -109,7 +109,7 @@ def vae_scaling_factor(model_dir: Path) -> float:
     return float(json.loads((part_dir(model_dir, "vae") / "config.json").read_text())["scaling_factor"])
 
 
-def make_step(cfg: TrainConfig, device: torch.device, world_size: int) -> TrainStep:
+def make_step(cfg: TrainConfig, device: torch.device, info: dist.DistInfo) -> TrainStep:
     o, lo = cfg.objective, cfg.loss
     norm = build_latent_norm(
         cfg.latents.normalization,
@@ -124,14 +124,16 @@ def make_step(cfg: TrainConfig, device: torch.device, world_size: int) -> TrainS
         grad_accum=cfg.gradient_accumulation_steps, max_grad_norm=cfg.optimizer.max_grad_norm, normalize=norm,
         weighting=lo.weighting, gamma=lo.gamma, min_snr_form=lo.min_snr_form, use_tag_weights=lo.tag_weights,
         offset_noise=lo.offset_noise, input_perturbation=lo.input_perturbation, level_options=levels,
-        world_size=world_size,
+        world_size=info.world_size, rank=info.rank,
     )  # fmt: skip
 
 
 def reseed(generator: torch.Generator, *, seed: int, rank: int, step: int) -> None:
-    """Every update's randomness is a function of (seed, rank, step): a resume draws exactly the same."""
-    noise_seed, global_seed = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint64)
-    generator.manual_seed(int(noise_seed) >> 1)
+    """Every update's randomness is a function of (seed, step) — and the rank for dropout — so a resume
+    draws exactly what the uninterrupted run drew, without saving any generator state."""
+    noise_seed = np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0]
+    generator.manual_seed(int(noise_seed) >> 1)  # the same on every rank: see TrainStep.draw
+    global_seed = np.random.SeedSequence([seed, step, rank, 1]).generate_state(1, dtype=np.uint64)[0]
     torch.manual_seed(int(global_seed) >> 1)  # dropout (LoRA dropout) draws from the global generators
 
 
@@ -288,7 +290,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
               device="cpu" if e.device == "cpu" else None) if e.enabled else None  # fmt: skip
 
     # 5. the step: every option turned into callables once
-    step = make_step(cfg, device, info.world_size)
+    step = make_step(cfg, device, info)
     generator = torch.Generator(device)
     state = TrainState()
     parts = dict(unet=model, optimizer=optimizer, schedule=schedule, loader=loader, ema=ema, step=step, state=state)

@@ -130,18 +130,33 @@ class TrainStep:
     max_grad_norm: float | None  # None: measure the norm, do not clip
     use_tag_weights: bool
     world_size: int
+    rank: int
     scaler: Any  # torch.amp.GradScaler for fp16, else None; its state_dict belongs in the checkpoint
 
     def to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The batch's tensors on the training device (non-blocking from pinned memory)."""
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
+    def draw(self, x0: torch.Tensor, *, generator: torch.Generator):
+        """(level, noise, input noise) for this rank's rows of the global micro-batch.
+
+        Every rank draws the whole global micro-batch from the same generator state and keeps rows
+        [rank·b, (rank+1)·b) — the rows the batch sampler gives it — so a sample's noise does not
+        depend on the world size, and N ranks of batch b train exactly like one process of N·b.
+        The extra draws cost (N−1)·b latents of random numbers, nothing next to a UNet pass.
+        """
+        b, n = x0.shape[0], x0.shape[0] * self.world_size
+        whole = x0 if self.world_size == 1 else x0.new_empty((n, *x0.shape[1:]))
+        rows = slice(self.rank * b, (self.rank + 1) * b)
+        level = self.sample_level(n, generator=generator)[rows]
+        noise, input_noise = self.sample_noise(whole, generator=generator)
+        return level, noise[rows], None if input_noise is None else input_noise[rows]
+
     def loss(self, unet: nn.Module, batch: Mapping[str, Any], *, generator: torch.Generator) -> torch.Tensor:
         """The weighted loss of one micro-batch (a scalar on the device; not divided by k)."""
         b = self.to_device(batch)
         x0 = self.normalize(b["latents"])
-        level = self.sample_level(x0.shape[0], generator=generator)
-        noise, input_noise = self.sample_noise(x0, generator=generator)
+        level, noise, input_noise = self.draw(x0, generator=generator)
         noisy, timestep, target, info = make_training_inputs(x0, noise, level, objective=self.objective,
                                                              input_noise=input_noise)  # fmt: skip
         cond_dtype = torch.float32  # autocast casts for the matmuls; fp32 keeps the fp32 path exact
@@ -228,6 +243,7 @@ def build_train_step(
     sigma_max: float | None = None,
     level_options: Mapping[str, Any] | None = None,
     world_size: int = 1,
+    rank: int = 0,
 ) -> TrainStep:
     """Check every option once and fix the step's callables.
 
@@ -238,8 +254,8 @@ def build_train_step(
     device = torch.device(device)
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}", fix=f"use one of {', '.join(PRECISIONS)}")
-    if grad_accum < 1 or world_size < 1:
-        raise UserError(f"gradient accumulation ({grad_accum}) and world size ({world_size}) must be ≥ 1")
+    if grad_accum < 1 or not 0 <= rank < world_size:
+        raise UserError(f"need gradient accumulation ≥ 1 ({grad_accum}) and 0 ≤ rank ({rank}) < world size ({world_size})")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise UserError(f"max_grad_norm {max_grad_norm} must be > 0 (or unset: no clipping)")
     try:
@@ -252,5 +268,7 @@ def build_train_step(
         raise UserError(str(e), where="objective / loss settings") from None
     dtype = PRECISIONS[precision]
     scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
-    return TrainStep(obj, sample_level, sample_noise, loss_weight, normalize.to(device), device, dtype, grad_accum,
-                     max_grad_norm, use_tag_weights, world_size, scaler)  # fmt: skip
+    return TrainStep(objective=obj, sample_level=sample_level, sample_noise=sample_noise, loss_weight=loss_weight,
+                     normalize=normalize.to(device), device=device, autocast_dtype=dtype, grad_accum=grad_accum,
+                     max_grad_norm=max_grad_norm, use_tag_weights=use_tag_weights, world_size=world_size, rank=rank,
+                     scaler=scaler)  # fmt: skip
