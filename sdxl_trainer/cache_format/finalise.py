@@ -118,7 +118,8 @@ def finalise(cache_dir: Path, *, config: Any, dims: CacheDims, uncond: Mapping[s
         raise UserError(
             f"{len(temps)} shard(s) still being written (or left by a killed run)",
             where=str(temps[0]),
-            fix="finalise only after every rank has finished; re-run the cache stage to clean up",
+            fix="finalise only after every rank has finished; a killed run's leftovers are removed by "
+            "clean_partial(cache) (all ranks), which the cache stage should call on rank 0 before writing",
         )
     check_config(cache_dir, config=config, dims=dims)
     listed = list_shard_paths(cache_dir)
