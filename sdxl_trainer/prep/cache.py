@@ -193,8 +193,9 @@ def _run(cfg: CacheConfig, info: dist.DistInfo, verify_after: bool) -> dict:
     recorded = content_config(cfg, vae_dtype, text_dtype)
     if info.is_main:
         check_config(cache, config=recorded, dims=enc.dims, overwrite=cfg.overwrite)
+        # Every rank's leftovers, also those of ranks a killed run had and this one lacks.
+        clean_partial(cache)
     dist.barrier(info, "cache config check")
-    clean_partial(cache, rank=info.rank)
     done = completed_ids(cache)
     share = [r for i, r in enumerate(rows) if i % info.world_size == info.rank and r["id"] not in done]
     if info.is_main:
