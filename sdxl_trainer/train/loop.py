@@ -237,6 +237,15 @@ def batch_stream(loader: CacheLoader):
         yield from loader
 
 
+def sum_over_ranks(value: torch.Tensor, info: dist.DistInfo) -> torch.Tensor:
+    """The sum of a scalar over every rank (bounded by the process group's timeout); itself when alone."""
+    if not info.distributed:
+        return value
+    total = value.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total
+
+
 def log_line(path: Path, record: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -336,16 +345,18 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 else:
                     window_loss += result.loss
                     window_n += 1
-                if info.is_main and (state.step % cfg.logging.every_steps == 0 or state.step == n_updates):
+                if state.step % cfg.logging.every_steps == 0 or state.step == n_updates:
                     now = time.perf_counter()
+                    loss_sum = sum_over_ranks(window_loss, info)  # every rank takes part; skips agree under DDP
                     last = {"step": state.step, "samples": state.samples_seen,
-                            "loss": float(window_loss) / max(window_n, 1) if window_n else None,
+                            "loss": float(loss_sum) / (window_n * info.world_size) if window_n else None,
                             "lr": schedule.lrs(), "grad_norm": float(result.grad_norm),
                             "samples_per_s": window_steps * global_batch / max(now - window_t, 1e-9),
                             "skipped": state.skipped, "epoch": sampler.epoch}  # fmt: skip
                     if device.type == "cuda":
                         last["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    log_line(metrics, last)
+                    if info.is_main:
+                        log_line(metrics, last)
                     window_loss.zero_()
                     window_n, window_steps, window_t = 0, 0, now
                 if checkpoint_due(cfg, state, samples_before) or state.step == n_updates:
