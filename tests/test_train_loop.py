@@ -67,12 +67,17 @@ def test_trains_logs_and_exports(tiny_model_dir, work, tmp_path):
 
 
 def test_resume_continues_bitwise(tiny_model_dir, work, tmp_path):
-    full = loop.run(_cfg(tiny_model_dir, work, tmp_path / "a", **{"checkpoints.every_steps": 2, "loss.tag_weights": False}))
+    kw = {"checkpoints.every_steps": 2, "validation.every_steps": 2, "validation.holdout_count": 6,
+          "logging.every_steps": 4}  # fmt: skip
+    full = loop.run(_cfg(tiny_model_dir, work, tmp_path / "a", **kw))
     assert full["steps"] == 4
     mid = tmp_path / "a" / "checkpoints" / "step-000002"
-    resumed = loop.run(_cfg(tiny_model_dir, work, tmp_path / "b", resume=str(mid),
-                            **{"checkpoints.every_steps": 2, "loss.tag_weights": False}))  # fmt: skip
+    resumed = loop.run(_cfg(tiny_model_dir, work, tmp_path / "b", resume=str(mid), **kw))
     assert resumed["steps"] == 4 and resumed["samples"] == full["samples"]
+    val = {d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"}
+    assert [r["step"] for r in val["a"]] == [2, 4] and [r["step"] for r in val["b"]] == [4]
+    assert val["b"][0]["val_loss_levels"] == val["a"][1]["val_loss_levels"]  # fixed levels and noise: comparable
+    assert len(set(val["a"][1]["val_loss_levels"])) == 5 and val["a"][0]["val_loss"] != val["a"][1]["val_loss"]
     a = load_file(tmp_path / "a" / "checkpoints" / "step-000004" / "trainable.safetensors")
     b = load_file(tmp_path / "b" / "checkpoints" / "step-000004" / "trainable.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

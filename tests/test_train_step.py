@@ -293,3 +293,20 @@ def test_ranks_draw_their_rows_of_the_single_process_draws(objective):
     assert not torch.equal(parts[0][1], parts[1][1])  # the ranks' rows differ
     with pytest.raises(UserError, match="rank"):
         _step(world_size=2, rank=2)
+
+
+def test_validation_levels_and_losses(unet):
+    from sdxl_trainer.diffusion import build_objective
+    from sdxl_trainer.train.step import validation_levels
+
+    ztsnr = build_objective("v_ztsnr")
+    levels = validation_levels(ztsnr, [0.0, 0.5, 1.0], device="cpu")
+    torch.testing.assert_close(levels, ztsnr.sigmas[[0, 500, 999]].float())
+    assert levels[-1] == 20000
+    torch.testing.assert_close(validation_levels(build_objective("flow"), [0.25], device="cpu"), torch.tensor([0.25]))
+    with pytest.raises(UserError, match="inside"):
+        validation_levels(build_objective("flow"), [1.0], device="cpu")
+    step, batch = _step(), make_batch(unet, n=3)
+    a = step.validation_losses(unet, batch, levels=levels, generator=torch.Generator().manual_seed(2))
+    b = step.validation_losses(unet, batch, levels=levels, generator=torch.Generator().manual_seed(2))
+    assert a.shape == (3,) and torch.equal(a, b) and len(set(a.tolist())) == 3

@@ -45,7 +45,7 @@ from sdxl_trainer.train.ema import EMA
 from sdxl_trainer.train.lr_schedule import LRSchedule
 from sdxl_trainer.train.optim import build_optimizer, param_groups
 from sdxl_trainer.train.state import TrainState
-from sdxl_trainer.train.step import TrainStep, build_latent_norm, build_train_step
+from sdxl_trainer.train.step import TrainStep, build_latent_norm, build_train_step, validation_levels
 
 # Changing these between a checkpoint and its resume changes what the run *is*; --force accepts it.
 RESUME_FIXED = ("batch_size", "gradient_accumulation_steps", "objective", "lora", "latents")
@@ -246,6 +246,22 @@ def sum_over_ranks(value: torch.Tensor, info: dist.DistInfo) -> torch.Tensor:
     return total
 
 
+def validate(step: TrainStep, unet: torch.nn.Module, loader: CacheLoader, *, levels: torch.Tensor, seed: int,
+             info: dist.DistInfo) -> list[float]:  # fmt: skip
+    """Mean held-out loss per fixed level, over every rank's share; noise seeded per held-out batch."""
+    generator = torch.Generator(step.device)
+    sums, count = torch.zeros(levels.numel(), device=step.device), torch.zeros((), device=step.device)
+    was_training = unet.training
+    unet.eval()  # no dropout: the number depends on the weights only
+    for batch in loader:
+        generator.manual_seed(seed * 1_000_003 + int(batch["step"]))  # batch["step"]: its index in the split
+        sums += step.validation_losses(unet, batch, levels=levels, generator=generator)
+        count += batch["latents"].shape[0]
+    unet.train(was_training)
+    totals = sum_over_ranks(torch.cat([sums, count[None]]), info)
+    return (totals[:-1] / totals[-1].clamp(min=1)).tolist()
+
+
 def log_line(path: Path, record: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -313,6 +329,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         folder = resume(cfg, parts)
         console.info(f"resumed from {folder} at step {state.step} ({state.samples_seen} samples)")
 
+    # held-out split, fixed levels and fixed noise: a validation loss comparable across runs and resumes
+    val_loader, val_levels = None, None
+    if cfg.validation.every_steps:
+        held = dataset.holdout_batches(batch_size=cfg.validation.batch_size, rank=info.rank, world_size=info.world_size)
+        val_loader = CacheLoader(dataset, held, prefetch=cfg.data.prefetch, workers=1, augment=False)
+        val_levels = validation_levels(step.objective, cfg.validation.levels, device=device)
+
     # 7. the loop
     metrics, last_ckpt, last = out / "metrics.jsonl", None, {}
     stream = batch_stream(loader)
@@ -345,7 +368,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 else:
                     window_loss += result.loss
                     window_n += 1
-                if state.step % cfg.logging.every_steps == 0 or state.step == n_updates:
+                val_now = val_loader is not None and state.step % cfg.validation.every_steps == 0
+                if val_now or state.step % cfg.logging.every_steps == 0 or state.step == n_updates:
                     now = time.perf_counter()
                     loss_sum = sum_over_ranks(window_loss, info)  # every rank takes part; skips agree under DDP
                     last = {"step": state.step, "samples": state.samples_seen,
@@ -355,6 +379,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                             "skipped": state.skipped, "epoch": sampler.epoch}  # fmt: skip
                     if device.type == "cuda":
                         last["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    if val_now:
+                        kw = dict(levels=val_levels, seed=cfg.validation.seed, info=info)
+                        per_level = validate(step, unet, val_loader, **kw)
+                        last.update(val_loss=sum(per_level) / len(per_level), val_loss_levels=per_level)
+                        if ema is not None:
+                            with ema.swapped_into(unet):
+                                last["val_loss_ema"] = sum(validate(step, unet, val_loader, **kw)) / len(per_level)
                     if info.is_main:
                         log_line(metrics, last)
                     window_loss.zero_()
@@ -365,6 +396,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     dist.barrier(info, f"checkpoint at step {state.step}")
     finally:
         loader.close()
+        if val_loader is not None:
+            val_loader.close()
     dist.shutdown(info)
     return {"steps": state.step, "samples": state.samples_seen, "skipped": state.skipped,
             "last": last, "checkpoint": None if last_ckpt is None else str(last_ckpt)}  # fmt: skip

@@ -168,6 +168,29 @@ class TrainStep:
         external = b["tag_weight"] if self.use_tag_weights else None
         return weighted_mse(output, target, self.loss_weight(info, external=external))
 
+    @torch.no_grad()
+    def validation_losses(self, unet: nn.Module, batch: Mapping[str, Any], *, levels: torch.Tensor,
+                          generator: torch.Generator) -> torch.Tensor:  # fmt: skip
+        """Σ over the batch of the plain (unweighted) MSE at each fixed level: (L,), on the device.
+
+        One noise draw from `generator` serves every level, so with a generator seeded per held-out
+        batch the numbers are comparable across runs, resumes and world sizes.
+        """
+        b = self.to_device(batch)
+        x0 = self.normalize(b["latents"])
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+        added = {"text_embeds": b["text_pooled"].float(), "time_ids": b["time_ids"].float()}
+        sums = []
+        for i in range(levels.numel()):
+            level = levels[i].expand(x0.shape[0])
+            noisy, timestep, target, _ = make_training_inputs(x0, noise, level, objective=self.objective)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):  # fmt: skip
+                output = unet(noisy, timestep, encoder_hidden_states=b["text_hidden"].float(),
+                              added_cond_kwargs=added, return_dict=False)[0]  # fmt: skip
+            sums.append((output.float() - target).pow(2).flatten(1).mean(1).sum())
+        return torch.stack(sums)
+
     def update(
         self,
         model: nn.Module,
@@ -224,6 +247,18 @@ class TrainStep:
         if self.max_grad_norm is None:
             return torch.nn.utils.get_total_norm(grads)
         return torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+
+
+def validation_levels(objective: Objective, fractions: Sequence[float], *, device: torch.device | str) -> torch.Tensor:
+    """Fixed levels at fractions of the schedule: σ of table index round(f·(N−1)), or flow t = f."""
+    if any(not 0.0 <= f <= 1.0 for f in fractions) or not fractions:
+        raise UserError(f"validation levels {list(fractions)} must be fractions in [0, 1]", where="validation.levels")
+    if objective.prediction == "flow":
+        if any(f in (0.0, 1.0) for f in fractions):
+            raise UserError("flow validation levels must lie strictly inside (0, 1)", where="validation.levels")
+        return torch.tensor(list(fractions), dtype=torch.float32, device=device)
+    n = objective.sigmas.numel()
+    return objective.sigmas[[round(f * (n - 1)) for f in fractions]].float().to(device)
 
 
 def build_train_step(
