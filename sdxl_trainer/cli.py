@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
 
 from sdxl_trainer import __version__, console
-from sdxl_trainer.config import CacheConfig, ScanConfig, StatsConfig, WeightsConfig, load_config
+from sdxl_trainer.config import CacheConfig, ScanConfig, StatsConfig, TrainConfig, WeightsConfig, load_config
 from sdxl_trainer.errors import UserError
 
 app = typer.Typer(
@@ -192,7 +194,92 @@ def demo(
     stage.run(out, n_images=images, seed=seed)
 
 
+def _parse_sets(pairs: list[str] | None) -> dict[str, Any]:
+    """``--set key.sub=value`` pairs → overrides (values parsed as YAML: 1e-4, true, [a, b])."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {pair!r} is not KEY=VALUE", fix="e.g. --set objective.sigma_max=20000")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+@app.command("train")
+@user_errors
+def train(
+    config: Optional[Path] = CONFIG_OPT,
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="SDXL diffusers folder to start from."),
+    work: Optional[Path] = typer.Option(None, help="Work directory holding cache/ (from sdxl prep cache)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (checkpoints, metrics, config)."),
+    objective: Optional[str] = typer.Option(None, help="eps | v | v_ztsnr | flow."),
+    sigma_max: Optional[float] = typer.Option(None, help="Terminal σ for v_ztsnr (default 20000)."),
+    flow_shift: Optional[float] = typer.Option(None, help="Flow: logit-normal shift (default 3)."),
+    latent_norm: Optional[str] = typer.Option(None, help="scaling_factor | per_channel (WORK/latent_stats.json)."),
+    min_snr_gamma: Optional[float] = typer.Option(None, help="Turn on min-SNR loss weighting with this γ."),
+    tag_weights: Optional[bool] = typer.Option(None, "--tag-weights/--no-tag-weights", help="Use WORK/tag_weights.parquet."),
+    offset_noise: Optional[float] = typer.Option(None, help="Offset-noise strength (≈0.1)."),
+    lora: Optional[bool] = typer.Option(None, "--lora/--full", help="Train a LoRA adapter instead of the full UNet."),
+    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank (default 16)."),
+    lora_alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default = rank)."),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Keep an EMA of the trained weights."),
+    ema_decay: Optional[float] = typer.Option(None, help="EMA decay (default 0.9999)."),
+    optimizer: Optional[str] = typer.Option(None, help="adamw | adamw8bit | adafactor."),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--learning_rate", "--lr", help="Peak learning rate."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "--batch_size", help="Samples per device per micro-batch."),
+    gradient_accumulation_steps: Optional[int] = typer.Option(
+        None, "--gradient-accumulation-steps", "--gradient_accumulation_steps", help="Micro-batches per update."
+    ),
+    num_epochs: Optional[float] = typer.Option(None, "--num-epochs", "--num_epochs", help="Run length in epochs."),
+    num_steps: Optional[int] = typer.Option(None, "--num-steps", "--num_steps", help="Run length in updates."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", "--num_samples", help="Run length in samples."),
+    use_adafactor: bool = typer.Option(False, "--use-adafactor", "--use_adafactor", help="Same as --optimizer adafactor."),
+    precision: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (weights stay fp32)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    enable_compile: Optional[bool] = typer.Option(None, "--enable-compile", "--enable_compile", help="torch.compile the UNet."),
+    compile_mode: Optional[str] = typer.Option(None, "--compile-mode", "--compile_mode", help="torch.compile mode."),
+    save_checkpoints: Optional[int] = typer.Option(
+        None, "--save-checkpoints", "--save_checkpoints", help="Write a checkpoint every N updates."
+    ),
+    use_wandb: Optional[bool] = typer.Option(None, "--use-wandb", "--use_wandb", help="Log to Weights & Biases."),
+    wandb_project: Optional[str] = typer.Option(None, "--wandb-project", "--wandb_project"),
+    wandb_run_name: Optional[str] = typer.Option(None, "--wandb-run-name", "--wandb_run_name"),
+    resume: Optional[str] = typer.Option(None, help="latest | a run or checkpoint folder."),
+    force: Optional[bool] = typer.Option(None, "--force", help="Resume despite a changed batch size or objective."),
+    seed: Optional[int] = typer.Option(None, help="Seed for everything random."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Any config key: --set loss.gamma=5 (repeatable)."),
+) -> None:
+    """Train on WORK/cache → RUN/ (checkpoints a diffusers pipeline, ComfyUI/A1111 file, LoRA, state)."""
+    from sdxl_trainer.train import loop as stage
+
+    overrides = {
+        "model": model, "work": work, "out": out, "objective.name": objective, "objective.sigma_max": sigma_max,
+        "objective.flow_shift": flow_shift, "latents.normalization": latent_norm,
+        "loss.weighting": "min_snr" if min_snr_gamma is not None else None, "loss.gamma": min_snr_gamma,
+        "loss.tag_weights": tag_weights, "loss.offset_noise": offset_noise, "lora.enabled": lora,
+        "lora.rank": lora_rank, "lora.alpha": lora_alpha, "ema.enabled": ema, "ema.decay": ema_decay,
+        "optimizer.name": "adafactor" if use_adafactor else optimizer, "optimizer.learning_rate": learning_rate,
+        "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
+        "num_epochs": num_epochs, "num_steps": num_steps, "num_samples": num_samples, "precision": precision,
+        "gradient_checkpointing": gradient_checkpointing, "compile": enable_compile, "compile_mode": compile_mode,
+        "checkpoints.every_steps": save_checkpoints, "logging.wandb": use_wandb,
+        "logging.wandb_project": wandb_project, "logging.wandb_run_name": wandb_run_name, "resume": resume,
+        "force": force, "seed": seed, "device": device, **_parse_sets(set_),
+    }  # fmt: skip
+    if lora and lora_rank is not None and lora_alpha is None:
+        overrides["lora.alpha"] = float(lora_rank)
+    cfg = load_config(TrainConfig, config, overrides)
+    summary = stage.run(cfg)
+    console.table("sdxl train", [(k, v) for k, v in summary.items() if k != "last"], ("", ""))
+
+
 def main() -> None:
+    # transformers warns at import about optional vision back-ends we never use; --debug keeps them.
+    if "--debug" not in sys.argv:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     app()
 
 

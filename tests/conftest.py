@@ -26,3 +26,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def synthetic_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of SYNTHETIC_N synthetic images with ``<stem>.txt`` tag sidecars (seed 0)."""
     return build_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "data", n=SYNTHETIC_N, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_work(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, synthetic_data_dir: Path) -> Path:
+    """scan → stats → cache → weights of the synthetic set for the tiny model (read-only: copy to change)."""
+    import shutil
+
+    from sdxl_trainer.config import StatsConfig, WeightsConfig
+    from sdxl_trainer.demo import demo_cache_config, demo_scan_config
+    from sdxl_trainer.prep import cache, scan, stats, weights
+
+    root = tmp_path_factory.mktemp("tiny_work")
+    data = Path(shutil.copytree(synthetic_data_dir, root / "data"))
+    work = root / "work"
+    scan.run(demo_scan_config(data, work, tiny_model_dir))
+    stats.run(StatsConfig(work=work, model=tiny_model_dir, device="cpu", max_images=16))
+    cache.run(demo_cache_config(work, tiny_model_dir))
+    weights.run(WeightsConfig(work=work, min_count=2))
+    return work

@@ -78,3 +78,31 @@ def test_demo_runs_every_stage(tmp_path):
     ok = sum(s == "ok" for s in manifest["status"].to_pylist())
     assert meta["rows"] == ok > 30
     assert pq.read_table(work / "tag_weights.parquet").num_rows == ok
+
+
+def test_cli_train_with_seed_script_flags(tiny_model_dir, tiny_work, tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    args = ["--quiet", "train", "--model", str(tiny_model_dir), "--work", str(tiny_work), "--out", str(out),
+            "--device", "cpu", "--precision", "fp32", "--objective", "flow", "--learning_rate", "2e-4",
+            "--batch_size", "2", "--gradient_accumulation_steps", "2", "--num_steps", "2", "--use_adafactor",
+            "--save_checkpoints", "1", "--tag-weights", "--lora", "--lora-rank", "4",
+            "--set", "logging.every_steps=1", "--set", "checkpoints.single_file=false"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["objective"]["name"] == "flow" and saved["optimizer"]["name"] == "adafactor"
+    assert saved["optimizer"]["learning_rate"] == 2e-4 and saved["batch_size"] == 2
+    assert saved["gradient_accumulation_steps"] == 2 and saved["checkpoints"]["every_steps"] == 1
+    assert saved["lora"] == {**saved["lora"], "enabled": True, "rank": 4, "alpha": 4.0}
+    assert saved["loss"]["tag_weights"] is True
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
+    assert (out / "checkpoints" / "step-000001").is_dir() and (out / "checkpoints" / "step-000002").is_dir()
+
+
+def test_cli_train_rejects_bad_set(tmp_path):
+    result = runner.invoke(app, ["train", "--set", "objective.nmae=flow", "--model", "m", "--work", "w", "--out", "o",
+                                 "--num-steps", "1"])  # fmt: skip
+    assert result.exit_code == 2 and "did you mean 'objective.name'" in result.output
