@@ -144,3 +144,42 @@ def test_two_gloo_ranks_match_one_process(tiny_model_dir, work, tmp_path):
     diff = torch.cat([(w[1][k] - w[0][k]).flatten() for k in w[0]])
     assert move.abs().max() > 2e-4  # three AdamW steps at lr 1e-4 did move the weights
     assert diff.abs().max() < 0.1 * move.abs().max() and diff.abs().mean() < 0.01 * move.abs().mean()
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, work, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    n = 5
+    settings = {"model": str(tiny_model_dir), "work": str(work), "device": "cpu", "precision": "fp32", "batch_size": 2,
+                "num_steps": n, "optimizer.learning_rate": 1e-4, "checkpoints.every_steps": 1, "checkpoints.keep_last": 2,
+                "checkpoints.diffusers": False, "checkpoints.single_file": False, "data.workers": 1,
+                "ema.enabled": True, "ema.decay": 0.9, "schedule.kind": "cosine", "schedule.warmup_samples": 4}  # fmt: skip
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps({**settings, "out": str(killed)})],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    latest, deadline = killed / "checkpoints" / "latest", time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if latest.is_file() and latest.read_text().strip() >= "step-000002":
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    at_kill = latest.read_text().strip()
+    assert proc.returncode == -signal.SIGKILL and at_kill < f"step-{n:06d}", "the run finished before the kill"
+
+    # the same process setup for all three (thread count changes float summation order)
+    for extra in ({"out": str(killed), "resume": "latest"}, {"out": str(tmp_path / "straight")}):
+        subprocess.run([sys.executable, str(script), json.dumps({**settings, **extra})], check=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)  # fmt: skip
+    a = load_file(tmp_path / "straight" / "checkpoints" / f"step-{n:06d}" / "trainable.safetensors")
+    b = load_file(killed / "checkpoints" / f"step-{n:06d}" / "trainable.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ema = [load_file(d / "checkpoints" / f"step-{n:06d}" / "state.safetensors") for d in (tmp_path / "straight", killed)]
+    assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
