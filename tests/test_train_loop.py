@@ -183,3 +183,18 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, work, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
     ema = [load_file(d / "checkpoints" / f"step-{n:06d}" / "state.safetensors") for d in (tmp_path / "straight", killed)]
     assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
+
+
+def test_lora_bf16_checkpointing_eager_attention(tiny_model_dir, work, tmp_path):
+    out = tmp_path / "run"
+    summary = loop.run(_cfg(tiny_model_dir, work, out, num_steps=2, precision="bf16", gradient_checkpointing=True,
+                            attention="eager", **{"lora.enabled": True, "lora.rank": 4, "objective.name": "flow",
+                                                  "optimizer.learning_rate": 1e-3}))  # fmt: skip
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["skipped"] == 0 and all(0 < r["loss"] < 100 for r in lines)
+    ckpt = Path(summary["checkpoint"])
+    kohya = load_file(ckpt / "lora_kohya.safetensors")
+    peft = load_file(ckpt / "lora" / "pytorch_lora_weights.safetensors")
+    trained = load_file(ckpt / "trainable.safetensors")
+    assert kohya and peft and all("lora_" in k for k in trained)
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # B starts at 0: it learned

@@ -310,3 +310,21 @@ def test_validation_levels_and_losses(unet):
     a = step.validation_losses(unet, batch, levels=levels, generator=torch.Generator().manual_seed(2))
     b = step.validation_losses(unet, batch, levels=levels, generator=torch.Generator().manual_seed(2))
     assert a.shape == (3,) and torch.equal(a, b) and len(set(a.tolist())) == 3
+
+
+def test_fp16_uses_a_grad_scaler_and_skips_with_it(unet):
+    step = _step(precision="fp16")
+    assert step.scaler is not None and step.scaler.is_enabled()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    state, gen = TrainState(), torch.Generator().manual_seed(0)
+    bad = make_batch(unet)
+    bad["latents"][0] = float("nan")
+    before, scale = _weights(unet), step.scaler.get_scale()
+    assert step.update(unet, [bad], optimizer=opt, generator=gen, state=state).skipped
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+    assert step.scaler.get_scale() == scale / 2  # the scaler backs off as on any overflow
+    for _ in range(20):  # an fp16 overflow at a too-high scale is skipped too, until the scale fits
+        if not step.update(unet, [make_batch(unet)], optimizer=opt, generator=gen, state=state).skipped:
+            break
+    assert state.updates == 1 and all(p.dtype == torch.float32 for p in unet.parameters())
+    assert not torch.equal(unet.state_dict()["conv_in.weight"], before["conv_in.weight"])
