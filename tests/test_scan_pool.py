@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-from sdxl_trainer.prep.images import probe_all, probe_chunk, worker_count
+import pytest
+
+from sdxl_trainer.prep.images import WorkersUnavailable, probe_all, probe_chunk, worker_count
 
 CRASH = "crash-me"
 
@@ -55,3 +57,22 @@ def test_a_crashing_file_is_recorded_and_the_rest_still_probed() -> None:
 def test_worker_count() -> None:
     assert worker_count(3) == 3
     assert 1 <= worker_count(0) <= (os.cpu_count() or 1)
+
+
+def dead_on_arrival(tasks: list[tuple], **options) -> list[dict]:
+    """A worker that dies whatever it is given, as when spawn cannot start the worker at all."""
+    os._exit(3)
+
+
+def test_workers_that_cannot_run_at_all_blame_no_file() -> None:
+    consumed = []
+
+    def task_source():
+        for t in tasks(5):
+            consumed.append(t)
+            yield t
+
+    with pytest.raises(WorkersUnavailable):
+        probe_all(task_source(), options=OPTIONS, workers=2, chunk=2, on_done=lambda r: None,
+                  worker_fn=dead_on_arrival)  # fmt: skip
+    assert consumed == []  # nothing taken: the caller can check the same tasks in-process

@@ -358,11 +358,23 @@ def _chunks(tasks: Iterable[tuple], size: int) -> Iterator[list[tuple]]:
         yield chunk
 
 
-def _pool_pass(chunks: Iterator[list], fn: Callable, workers: int, on_done: Callable, *, in_flight: int):
+class WorkersUnavailable(RuntimeError):
+    """Worker processes die before doing any work (e.g. a ``python -`` session: spawn cannot
+    re-import its ``<stdin>`` main module), so no file can be blamed for it."""
+
+
+def _pool_pass(chunks: Iterator[list], fn: Callable, workers: int, on_done: Callable, *, in_flight: int,
+               check: bool = False):  # fmt: skip
     """Run chunks with at most ``in_flight`` queued. Returns (tasks that were in flight when a worker
-    died, the chunks not yet submitted); ``([], …)`` when all went well."""
+    died, the chunks not yet submitted); ``([], …)`` when all went well. With ``check``, an empty
+    chunk goes first: a pool that cannot run even that raises :class:`WorkersUnavailable`."""
     ctx = multiprocessing.get_context("spawn")  # fork is unsafe once torch or other threads run
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        if check:
+            try:
+                pool.submit(fn, []).result()
+            except BrokenProcessPool as e:
+                raise WorkersUnavailable(str(e)) from None
         pending: dict = {}
         for chunk in chunks:
             pending[pool.submit(fn, chunk)] = chunk
@@ -404,6 +416,7 @@ def probe_all(
 
     A C decoder that crashes kills its worker and every chunk in flight: those tasks are retried one
     at a time in a one-worker pool, so the file that crashes it again is recorded, and the scan goes on.
+    Raises :class:`WorkersUnavailable`, before taking any task, when no worker process can run.
     """
     if workers == 1:
         for c in _chunks(tasks, chunk):
@@ -411,8 +424,10 @@ def probe_all(
         return
     fn = partial(worker_fn, **options)
     remaining = _chunks(tasks, chunk)
+    first = True
     while True:
-        suspects, remaining = _pool_pass(remaining, fn, workers, on_done, in_flight=workers * 3)
+        suspects, remaining = _pool_pass(remaining, fn, workers, on_done, in_flight=workers * 3, check=first)
+        first = False
         if not suspects:
             return
         one_by_one: Iterator[list] = iter([[t] for t in suspects])

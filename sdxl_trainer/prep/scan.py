@@ -32,7 +32,14 @@ from sdxl_trainer.prep.captions import (
     parse_tag_list,
     read_sidecar,
 )
-from sdxl_trainer.prep.images import IMAGE_EXTENSIONS, content_id, probe_all, probe_flags, worker_count
+from sdxl_trainer.prep.images import (
+    IMAGE_EXTENSIONS,
+    WorkersUnavailable,
+    content_id,
+    probe_all,
+    probe_flags,
+    worker_count,
+)
 from sdxl_trainer.schema import MANIFEST_SCHEMA, TAGS_SCHEMA, read_table, write_json, write_table
 
 PRODUCED_BY = "sdxl prep scan"
@@ -312,7 +319,12 @@ def _find_and_probe(cfg: ScanConfig, src, source_meta: dict, previous: dict) -> 
         t0 = time.perf_counter()
         options = {"full": not cfg.fast, "max_pixels": cfg.max_pixels, "min_side": cfg.min_side,
                    "alpha_background": cfg.alpha_background}
-        probe_all(tasks, options=options, workers=stats["workers"], chunk=chunk, on_done=on_done)
+        try:
+            probe_all(tasks, options=options, workers=stats["workers"], chunk=chunk, on_done=on_done)
+        except WorkersUnavailable as e:  # nothing was taken from tasks yet: check them here instead
+            console.info(f"[yellow]worker processes could not start ({e}); checking images in this process[/]")
+            stats["workers"] = 1
+            probe_all(tasks, options=options, workers=1, chunk=chunk, on_done=on_done)
         stats["probe_seconds"] = time.perf_counter() - t0
     stats["reused"] = sum(1 for i in items.values() if i.probe and i.probe.get("reused"))
     return sorted(items.values(), key=lambda i: i.path), stats
