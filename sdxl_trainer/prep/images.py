@@ -45,22 +45,14 @@ _TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _MODE_STEPS = {
-    "RGB": [],
-    "L": ["grey→RGB"],
-    "1": ["1-bit→RGB"],
-    "RGBX": ["RGBX→RGB"],
-    "CMYK": ["CMYK→RGB"],
-    "YCbCr": ["YCbCr→RGB"],
-    "LAB": ["LAB→RGB"],
-    "HSV": ["HSV→RGB"],
-    "I;16": ["16-bit grey ÷257→8-bit→RGB"],
-    "I;16L": ["16-bit grey ÷257→8-bit→RGB"],
-    "I;16B": ["16-bit grey ÷257→8-bit→RGB"],
-    "I;16N": ["16-bit grey ÷257→8-bit→RGB"],
+    "RGB": [], "L": ["grey→RGB"], "1": ["1-bit→RGB"], "RGBX": ["RGBX→RGB"], "CMYK": ["CMYK→RGB"],
+    "YCbCr": ["YCbCr→RGB"], "LAB": ["LAB→RGB"], "HSV": ["HSV→RGB"],
+    **{m: ["16-bit grey ÷257→8-bit→RGB"] for m in _SIXTEEN_BIT},
     "I": ["32-bit grey clipped to 0..65535 ÷257→8-bit→RGB"],
     "F": ["float grey clipped to 0..1 ×255→8-bit→RGB"],
-}
+}  # fmt: skip
 _ALPHA_MODES = {"RGBA": "alpha", "RGBa": "alpha", "LA": "grey+alpha", "La": "grey+alpha", "PA": "palette+alpha"}
 
 
@@ -210,7 +202,7 @@ def to_rgb(im: Image.Image, *, alpha_background: str = "white") -> Image.Image:
     conversion_for(im, alpha_background=alpha_background)  # raises for an unsupported mode
     profile = im.info.get("icc_profile")
     flat_mode = _flat_mode(im)
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    if im.mode in (*_SIXTEEN_BIT, "I", "F"):
         flat = _high_bit_grey(im)
     elif im.mode in _ALPHA_MODES or "transparency" in im.info:
         flat = _composite(im, BACKGROUNDS[alpha_background])
