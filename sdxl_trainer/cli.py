@@ -78,6 +78,8 @@ def scan(
     workers: Optional[int] = typer.Option(None, help="Decode processes (0 = all cores)."),
     underscores_to_spaces: Optional[bool] = typer.Option(None, "--underscores-to-spaces", help="Tag '_' → ' '."),
     fold_buckets_below: Optional[int] = typer.Option(None, help="Fold buckets with fewer images into a neighbour."),
+    alpha_background: Optional[str] = typer.Option(None, help="What transparent pixels become: white | black."),
+    max_chunks: Optional[int] = typer.Option(None, help="75-token chunks a caption may use (with --model)."),
     config: Optional[Path] = CONFIG_OPT,
 ) -> None:
     """Find and validate every image, assign aspect-ratio buckets → WORK/manifest.parquet."""
@@ -100,6 +102,8 @@ def scan(
             "workers": workers,
             "underscores_to_spaces": underscores_to_spaces,
             "buckets.fold_below": fold_buckets_below,
+            "alpha_background": alpha_background,
+            "max_chunks": max_chunks,
         },
     )
     stage.run(cfg)
