@@ -22,7 +22,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -89,14 +89,19 @@ class CacheIndex:
     """What the trainer knows about every row without reading its tensors; per group, flat over shards."""
 
     dims: CacheDims
-    shards: dict[Group, list[Path]]
-    offsets: dict[Group, np.ndarray]  # first flat index of each shard
-    has_flip: dict[Group, np.ndarray]  # bool per row
-    stored: dict[Group, np.ndarray]  # uint8 (rows, V): the variant whose columns hold variant k's text
-    tag_weight: dict[Group, np.ndarray] | None  # float32 per row, None without a weights file
-    train: dict[Group, list[np.ndarray]]  # row indices per shard
-    holdout: dict[Group, list[np.ndarray]]
-    holdout_ids: list[str]
+    shards: dict[Group, list[Path]] = field(default_factory=dict)
+    offsets: dict[Group, np.ndarray] = field(default_factory=dict)  # first flat index of each shard
+    ids: dict[Group, pa.StringArray] = field(default_factory=dict)
+    micro: dict[Group, np.ndarray] = field(default_factory=dict)  # int32 (rows, 6), SDXL add_time_ids order
+    crop_left_flip: dict[Group, np.ndarray] = field(default_factory=dict)  # int32, −1 without a flip copy
+    stored: dict[Group, np.ndarray] = field(default_factory=dict)  # uint8 (rows, V): where variant k's text is
+    tag_weight: dict[Group, np.ndarray] | None = None  # float32 per row, None without a weights file
+    train: dict[Group, list[np.ndarray]] = field(default_factory=dict)  # row indices per shard
+    holdout: dict[Group, list[np.ndarray]] = field(default_factory=dict)
+    holdout_ids: list[str] = field(default_factory=list)
+
+    def has_flip(self, group: Group, flat: np.ndarray) -> np.ndarray:
+        return self.crop_left_flip[group][flat] >= 0
 
 
 def stored_variants(captions: pa.ChunkedArray, variants: int) -> np.ndarray:
@@ -126,24 +131,31 @@ def _check_complete(cache_dir: Path, meta: dict, groups: Mapping[Group, list]) -
 def scan_cache(
     cache_dir: Path, *, holdout_fraction: float = 0.0, holdout_count: int = 0, tag_weights: Path | None = None
 ) -> CacheIndex:
-    """Read ids, flip flags and captions of every shard of a finished cache and build the index."""
+    """Read the small columns of every shard of a finished cache (never its tensors) and build the index.
+
+    Ids and micro-conditioning are kept (~80 bytes a row in all), so a batch read fetches only tensors.
+    """
     cache_dir = Path(cache_dir)
     meta = read_meta(cache_dir)  # a clear error until `prep cache` has finalised
-    dims = CacheDims.from_dict(meta["dims"])
+    index = CacheIndex(CacheDims.from_dict(meta["dims"]))
     groups = list_groups(cache_dir)
     _check_complete(cache_dir, meta, groups)
-    keys = sorted(groups)
-    ids, flips, stored, counts = [], {}, {}, {}
+    keys, counts = sorted(groups), {}
     for g in keys:
-        tables = [pq.read_table(info.path, columns=["id", "crop_left_flip", "captions"]) for info in groups[g]]
-        counts[g] = [t.num_rows for t in tables]
-        ids.extend(t.column("id") for t in tables)
-        flips[g] = np.concatenate([np.asarray(t.column("crop_left_flip").is_valid()) for t in tables])
-        stored[g] = np.concatenate([stored_variants(t.column("captions"), dims.variants) for t in tables])
-    all_ids = pa.chunked_array([c for col in ids for c in col.chunks], type=pa.string())
+        columns = ["id", "captions", *MICRO_COLUMNS, "crop_left_flip"]
+        table = pa.concat_tables([pq.read_table(info.path, columns=columns) for info in groups[g]])
+        counts[g] = [info.rows for info in groups[g]]
+        if table.num_rows != sum(counts[g]):
+            raise UserError("row counts differ from cache_meta.json", where=str(cache_dir / g.dirname()),
+                            fix="re-run `sdxl prep cache WORK --model MODEL` to re-finalise")  # fmt: skip
+        index.ids[g] = table.column("id").combine_chunks()
+        index.micro[g] = np.stack([table.column(c).to_numpy() for c in MICRO_COLUMNS], axis=1).astype(np.int32)
+        index.crop_left_flip[g] = table.column("crop_left_flip").fill_null(-1).to_numpy().astype(np.int32)
+        index.stored[g] = stored_variants(table.column("captions"), index.dims.variants)
+    all_ids = pa.chunked_array([index.ids[g] for g in keys], type=pa.string())
     held = holdout_mask(holdout_hash(all_ids.to_pylist()), fraction=holdout_fraction, count=holdout_count)
     weights = None if tag_weights is None else join_tag_weights(tag_weights, all_ids)
-    index = CacheIndex(dims, {}, {}, flips, stored, None if weights is None else {}, {}, {}, [])
+    index.tag_weight = None if weights is None else {}
     index.holdout_ids = sorted(all_ids.filter(pa.array(held)).to_pylist())
     start = 0
     for g in keys:
@@ -289,7 +301,7 @@ class CacheDataset:
             ch = sample_choices(seed=self.seed, epoch=spec.epoch, step=spec.step, positions=spec.position,
                                 variants=self.dims.variants)  # fmt: skip
             slot, drop = ch["variant"], ch["u_uncond"] < self.p_uncond
-            flip = self.index.has_flip[group][flat] & (ch["u_flip"] < self.p_flip)
+            flip = self.index.has_flip(group, flat) & (ch["u_flip"] < self.p_flip)
         else:
             slot, flip, drop = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         # which text columns to read: the stored copy of the chosen variant; none for a dropped prompt
@@ -302,8 +314,12 @@ class CacheDataset:
             s, f, k = key // stride // 2, key // stride % 2, key % stride - 1
             pos = np.flatnonzero(which == c)
             table = self._shard(group, s).gather(spec.row[pos], _columns(flip=bool(f), text=k))
-            self._fill(out, table, group=group, pos=pos, slot=slot[pos], flip=bool(f), text=k >= 0,
+            self._fill(out, table, group=group, pos=pos, slot=slot[pos], text=k >= 0,
                        seeds=None if ch is None else ch["noise_seed"][pos])  # fmt: skip
+        micro = self.index.micro[group][flat]
+        micro[flip, 3] = self.index.crop_left_flip[group][flat][flip]  # crop_left in the mirrored image
+        out["time_ids"].copy_(torch.from_numpy(micro.astype(np.float32)))
+        out["ids"] = self.index.ids[group].take(pa.array(flat)).to_pylist()
         if drop.any():
             hidden, pooled = self._uncond[group.n_chunks]
             out["text_hidden"][torch.from_numpy(drop)] = hidden
@@ -315,29 +331,25 @@ class CacheDataset:
         return out
 
     def _fill(self, out: dict[str, Any], table: pa.Table, *, group: Group, pos: np.ndarray, slot: np.ndarray,
-              flip: bool, text: bool, seeds: np.ndarray | None) -> None:  # fmt: skip
+              text: bool, seeds: np.ndarray | None) -> None:  # fmt: skip
         """Copy one read's rows into batch positions ``pos`` (tensors straight from the Arrow buffers)."""
-        d = self.dims
+        d, rows = self.dims, pos.tolist()
         latent = d.latent_shape(group.bucket_width, group.bucket_height)
         mean, std = _row_views(table.column(0), latent), _row_views(table.column(1), latent)
         if seeds is not None:
             sample_latents(out["latents"], pos, mean, std, seeds)
         else:
-            for j, i in enumerate(pos.tolist()):
+            for j, i in enumerate(rows):
                 out["latents"][i].copy_(mean[j])
-        if text:
-            hidden, pooled = _row_views(table.column(2), d.text_shape(group.n_chunks)), _row_views(table.column(3), d.pooled_shape())
-            for j, i in enumerate(pos.tolist()):
-                out["text_hidden"][i].copy_(hidden[j])
-                out["text_pooled"][i].copy_(pooled[j])
-        micro = np.stack([table.column(c).to_numpy() for c in MICRO_COLUMNS], axis=1)
-        if flip:  # the crop's left edge measured in the mirrored image
-            micro[:, 3] = table.column("crop_left_flip").to_numpy()
-        out["time_ids"][torch.from_numpy(pos)] = torch.from_numpy(micro.astype(np.float32))
-        ids, captions = table.column("id").to_pylist(), table.column("captions").to_pylist()
-        for j, i in enumerate(pos.tolist()):
-            out["ids"][i] = ids[j]
-            out["captions"][i] = captions[j][slot[j]] if text else ""
+        if not text:
+            return
+        hidden = _row_views(table.column(2), d.text_shape(group.n_chunks))
+        pooled = _row_views(table.column(3), d.pooled_shape())
+        captions = table.column(4).to_pylist()
+        for j, i in enumerate(rows):
+            out["text_hidden"][i].copy_(hidden[j])
+            out["text_pooled"][i].copy_(pooled[j])
+            out["captions"][i] = captions[j][slot[j]]
 
 
 def _one_intra_op_thread() -> None:
@@ -347,10 +359,10 @@ def _one_intra_op_thread() -> None:
 
 
 def _columns(*, flip: bool, text: int) -> list[str]:
-    """Latent pair (plain or flipped), then the text pair stored at index ``text`` (none if < 0), then the small ones."""
+    """The latent pair (plain or flipped), then the text pair stored at index ``text`` and the captions
+    (none for a dropped prompt, ``text`` < 0); ids and micro-conditioning come from the index."""
     latent = ["latent_mean_flip", "latent_std_flip"] if flip else ["latent_mean", "latent_std"]
-    texts = list(text_columns(text)) if text >= 0 else []
-    return [*latent, *texts, "id", "captions", *MICRO_COLUMNS, *(["crop_left_flip"] if flip else [])]
+    return [*latent, *text_columns(text), "captions"] if text >= 0 else latent
 
 
 def _row_views(column: pa.ChunkedArray, shape: tuple[int, ...]) -> list[torch.Tensor]:
