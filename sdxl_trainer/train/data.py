@@ -17,7 +17,6 @@ docs/data-loading.md describes the batch, the randomness and the performance.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping
@@ -38,33 +37,16 @@ from sdxl_trainer.cache_format.layout import samples_dir, text_columns
 from sdxl_trainer.cache_format.reader import MICRO_COLUMNS
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.schema import read_table
-from sdxl_trainer.train.sampler import BatchSpec, BucketBatchSampler, FixedBatches
+from sdxl_trainer.train.sampler import (
+    BatchSpec,
+    BucketBatchSampler,
+    FixedBatches,
+    holdout_hash,
+    holdout_mask,
+)
 
 _READER_STREAM = 0x5EED  # keeps the reader's generators apart from the sampler's (same seed)
 TAG_WEIGHTS_PRODUCER = "sdxl prep weights"
-
-
-def holdout_hash(ids: list[str]) -> np.ndarray:
-    """A uniform uint64 per id (BLAKE2b of the id): the split does not depend on seed or order."""
-    digest = (hashlib.blake2b(i.encode(), digest_size=8).digest() for i in ids)
-    return np.fromiter((int.from_bytes(d, "little") for d in digest), dtype=np.uint64, count=len(ids))
-
-
-def holdout_mask(hashes: np.ndarray, *, fraction: float = 0.0, count: int = 0) -> np.ndarray:
-    """Held-out rows: hash below ``fraction`` of the range, or the ``count`` smallest hashes."""
-    if fraction and count:
-        raise ValueError("give holdout_fraction or holdout_count, not both")
-    if not 0.0 <= fraction < 1.0 or count < 0:
-        raise ValueError(f"holdout_fraction={fraction} must be in [0, 1) and holdout_count={count} ≥ 0")
-    if count:
-        if count >= hashes.size:
-            raise UserError(
-                f"holdout_count={count} leaves no training rows (the cache has {hashes.size})",
-                where="validation split",
-                fix="hold out fewer images",
-            )
-        return hashes <= np.partition(hashes, count - 1)[count - 1]
-    return hashes < np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
 
 
 def join_tag_weights(path: Path, ids: pa.ChunkedArray) -> np.ndarray:

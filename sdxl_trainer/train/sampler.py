@@ -20,6 +20,8 @@ So every rank gets the same number of batches, all ranks are in the same group a
 tail that does not divide by ``world_size`` is padded by wrapping around the group's permutation
 (up to ``world_size − 1`` rows repeat, like ``torch.utils.data.DistributedSampler``).
 
+The validation hold-out (:func:`holdout_mask`) is decided here too, from a hash of each id alone.
+
 Each row of a batch carries its ``position`` in the global batch; with the epoch and the step it
 keys the per-sample randomness of the reader (variant, flip, dropout, latent noise), so that too does
 not depend on how the global batch is split.
@@ -27,6 +29,7 @@ not depend on how the global batch is split.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -35,6 +38,30 @@ import numpy as np
 from sdxl_trainer.errors import UserError
 
 _ORDER_STREAM = 0x0BDE  # keeps the sampler's generators apart from the reader's (same seed)
+
+
+def holdout_hash(ids: list[str]) -> np.ndarray:
+    """A uniform uint64 per id (BLAKE2b of the id): the split does not depend on seed or order."""
+    digest = (hashlib.blake2b(i.encode(), digest_size=8).digest() for i in ids)
+    return np.fromiter((int.from_bytes(d, "little") for d in digest), dtype=np.uint64, count=len(ids))
+
+
+def holdout_mask(hashes: np.ndarray, *, fraction: float = 0.0, count: int = 0) -> np.ndarray:
+    """Held-out rows: hash below ``fraction`` of the range, or the ``count`` smallest hashes."""
+    if fraction and count:
+        raise ValueError("give holdout_fraction or holdout_count, not both")
+    if not 0.0 <= fraction < 1.0 or count < 0:
+        raise ValueError(f"holdout_fraction={fraction} must be in [0, 1) and holdout_count={count} ≥ 0")
+    if count:
+        if count >= hashes.size:
+            raise UserError(
+                f"holdout_count={count} leaves no training rows (the cache has {hashes.size})",
+                where="validation split",
+                fix="hold out fewer images",
+            )
+        return hashes <= np.partition(hashes, count - 1)[count - 1]
+    return hashes < np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
+
 
 
 class BatchSpec(NamedTuple):
