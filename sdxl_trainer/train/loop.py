@@ -1,7 +1,7 @@
 """`sdxl train`: the training loop, top to bottom — WORK/cache → RUN/checkpoints and RUN/metrics.jsonl.
 
-The pieces live in their own files (data.py, step.py, ema.py, optim.py, lr_schedule.py,
-checkpoint_dir.py); this file wires them in the order a reader expects:
+The pieces live in their own files (data.py, step.py, checkpoint.py, ema.py, optim.py,
+lr_schedule.py); this file wires them in the order a reader expects:
 
   1. processes and devices (torchrun or one process)
   2. data: the cache reader and its bucket sampler
@@ -26,29 +26,17 @@ import torch
 from sdxl_trainer import console, dist
 from sdxl_trainer.config import TrainConfig, dump_config
 from sdxl_trainer.errors import UserError
-from sdxl_trainer.models.export import save_diffusers_pipeline, save_single_file, unwrap_model
-from sdxl_trainer.models.loading import load_text_encoders, load_tokenizers, load_unet, load_vae, part_dir
-from sdxl_trainer.models.lora import add_lora, load_lora_state_dict, lora_state_dict, save_lora_diffusers, save_lora_kohya
-from sdxl_trainer.train.checkpoint_dir import (
-    keep_last,
-    load_state,
-    load_tensors,
-    prepare_checkpoints,
-    read_latest,
-    resolve_resume,
-    save_state,
-    save_tensors,
-    write_checkpoint,
-)
+from sdxl_trainer.models.loading import load_unet, part_dir
+from sdxl_trainer.models.lora import add_lora
+from sdxl_trainer.train.checkpoint import resume, save_checkpoint
+from sdxl_trainer.train.checkpoint_dir import prepare_checkpoints, read_latest
 from sdxl_trainer.train.data import CacheDataset, CacheLoader
 from sdxl_trainer.train.ema import EMA
 from sdxl_trainer.train.lr_schedule import LRSchedule
 from sdxl_trainer.train.optim import build_optimizer, param_groups
 from sdxl_trainer.train.state import TrainState
-from sdxl_trainer.train.step import TrainStep, build_latent_norm, build_train_step, validation_levels
+from sdxl_trainer.train.step import StepResult, TrainStep, build_latent_norm, build_train_step, validation_levels
 
-# Changing these between a checkpoint and its resume changes what the run *is*; --force accepts it.
-RESUME_FIXED = ("batch_size", "gradient_accumulation_steps", "objective", "lora", "latents")
 
 
 # ── 3. the model ────────────────────────────────────────────────────────────────────────────────
@@ -81,25 +69,6 @@ def wrap_model(unet: torch.nn.Module, cfg: TrainConfig, info: dist.DistInfo, dev
     if cfg.compile:
         model = torch.compile(model, mode=cfg.compile_mode)
     return model
-
-
-def trainable_state(unet: torch.nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """What training changed, in fp32: the adapter's tensors for LoRA, every parameter otherwise."""
-    if cfg.lora.enabled:
-        return lora_state_dict(unet)
-    return {n: p.detach() for n, p in unwrap_model(unet).named_parameters() if p.requires_grad}
-
-
-@torch.no_grad()
-def load_trainable_state(unet: torch.nn.Module, cfg: TrainConfig, tensors: dict[str, torch.Tensor]) -> None:
-    if cfg.lora.enabled:
-        load_lora_state_dict(unet, tensors)
-        return
-    params = dict(unwrap_model(unet).named_parameters())
-    if set(tensors) != set(params):
-        raise UserError("the checkpoint's weights do not fit this UNet", fix="resume with the same --model")
-    for name, value in tensors.items():
-        params[name].copy_(value)
 
 
 # ── 5. the step ─────────────────────────────────────────────────────────────────────────────────
@@ -146,88 +115,6 @@ def total_updates(cfg: TrainConfig, *, batches_per_epoch: int, global_batch: int
     return max(1, math.ceil(cfg.num_epochs * batches_per_epoch / cfg.gradient_accumulation_steps))
 
 
-# ── 6. checkpoints and resume ───────────────────────────────────────────────────────────────────
-
-
-def save_checkpoint(cfg: TrainConfig, parts: dict[str, Any], *, exports: dict[str, Any]) -> Path:
-    """One atomic checkpoint folder: training state (exact resume) plus the formats users load."""
-    unet, state = parts["unet"], parts["state"]
-
-    def write(folder: Path) -> None:
-        save_tensors(folder / "trainable.safetensors", {k: v.contiguous() for k, v in trainable_state(unet, cfg).items()})
-        save_state(folder, "state", {
-            "train": state.state_dict(), "optimizer": parts["optimizer"].state_dict(),
-            "schedule": parts["schedule"].state_dict(), "data": parts["loader"].state_dict(),
-            "ema": None if parts["ema"] is None else parts["ema"].state_dict(),
-            "scaler": None if parts["step"].scaler is None else parts["step"].scaler.state_dict(),
-            "config": cfg.model_dump(mode="json"),
-        })  # fmt: skip
-        export_model(folder, cfg, unet, exports)
-
-    folder = write_checkpoint(Path(cfg.out), f"step-{state.step:06d}", write)
-    if cfg.checkpoints.keep_last:
-        keep_last(Path(cfg.out), cfg.checkpoints.keep_last)
-    return folder
-
-
-def export_model(folder: Path, cfg: TrainConfig, unet: torch.nn.Module, exports: dict[str, Any]) -> None:
-    """LoRA: diffusers/PEFT and kohya files. Full finetune: a diffusers folder and one single file."""
-    ck, unet = cfg.checkpoints, unwrap_model(unet)
-    if cfg.lora.enabled:
-        save_lora_diffusers(folder / "lora", unet, dtype=ck.dtype)
-        save_lora_kohya(folder / "lora_kohya.safetensors", unet, dtype=ck.dtype)
-        return
-    if not (ck.diffusers or ck.single_file):
-        return
-    if "vae" not in exports:  # the frozen parts, loaded on the writing rank the first time they are needed
-        exports.update(vae=load_vae(cfg.model), tokenizers=load_tokenizers(cfg.model),
-                       text_encoders=load_text_encoders(cfg.model))  # fmt: skip
-    te1, te2 = exports["text_encoders"]
-    norm = exports.get("latents", {})
-    if ck.diffusers:
-        tok1, tok2 = exports["tokenizers"]
-        save_diffusers_pipeline(folder / "diffusers", unet=unet, vae=exports["vae"], text_encoder=te1,
-                                text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2, objective=cfg.objective.name,
-                                flow_shift=cfg.objective.flow_shift,
-                                sigma_max=cfg.objective.sigma_max if cfg.objective.name == "v_ztsnr" else None,
-                                dtype=ck.dtype, config=cfg, **norm)  # fmt: skip
-    if ck.single_file:
-        save_single_file(folder / "model.safetensors", unet=unet, vae=exports["vae"], text_encoder=te1,
-                         text_encoder_2=te2, dtype=ck.dtype, objective=cfg.objective.name)  # fmt: skip
-
-
-def check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    now = cfg.model_dump(mode="json")
-    changed = [k for k in RESUME_FIXED if saved.get(k) != now.get(k)]
-    if changed and not cfg.force:
-        raise UserError(
-            f"the checkpoint was trained with other {', '.join(changed)} "
-            f"({'; '.join(f'{k}: {saved.get(k)} → {now.get(k)}' for k in changed)})",
-            where="--resume",
-            fix="resume with the checkpoint's settings, or pass --force to continue with the new ones",
-        )
-
-
-def resume(cfg: TrainConfig, parts: dict[str, Any]) -> Path:
-    folder = resolve_resume(Path(cfg.out), cfg.resume)
-    state = load_state(folder, "state")
-    check_resume_config(state["config"], cfg)
-    strict = not cfg.force
-    load_trainable_state(parts["unet"], cfg, load_tensors(folder / "trainable.safetensors"))
-    parts["optimizer"].load_state_dict(state["optimizer"])
-    parts["schedule"].load_state_dict(state["schedule"], strict=strict)
-    parts["loader"].load_state_dict(state["data"], strict=strict)
-    if (state["ema"] is None) != (parts["ema"] is None):
-        raise UserError("EMA was switched on or off since the checkpoint", where="ema.enabled",
-                        fix="resume with the checkpoint's EMA setting")  # fmt: skip
-    if parts["ema"] is not None:
-        parts["ema"].load_state_dict(state["ema"], strict=strict)
-    if parts["step"].scaler is not None and state["scaler"]:
-        parts["step"].scaler.load_state_dict(state["scaler"])
-    parts["state"].load_state_dict(state["train"])
-    return folder
-
-
 # ── 7. the loop ─────────────────────────────────────────────────────────────────────────────────
 
 
@@ -260,6 +147,59 @@ def validate(step: TrainStep, unet: torch.nn.Module, loader: CacheLoader, *, lev
     unet.train(was_training)
     totals = sum_over_ranks(torch.cat([sums, count[None]]), info)
     return (totals[:-1] / totals[-1].clamp(min=1)).tolist()
+
+
+class Window:
+    """Loss, update and time counters between two log lines; the loss stays on the device until then."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.loss, self.taken, self.steps = device, torch.zeros((), device=device), 0, 0
+        self.grad_norm, self.t0 = torch.zeros((), device=device), time.perf_counter()
+
+    def add(self, result: StepResult) -> None:
+        self.steps += 1
+        self.grad_norm = result.grad_norm
+        if not result.skipped:  # a skipped update's loss is not finite
+            self.loss += result.loss
+            self.taken += 1
+
+    def flush(self, state: TrainState, info: dist.DistInfo, *, global_batch: int, lr: dict, epoch: int) -> dict:
+        """The log record; every rank must call it (the loss is averaged over ranks)."""
+        now = time.perf_counter()
+        loss = float(sum_over_ranks(self.loss, info)) / (self.taken * info.world_size) if self.taken else None
+        record = {"step": state.step, "samples": state.samples_seen, "loss": loss, "lr": lr,
+                  "grad_norm": float(self.grad_norm), "samples_per_s": self.steps * global_batch / max(now - self.t0, 1e-9),
+                  "skipped": state.skipped, "epoch": epoch}  # fmt: skip
+        if self.device.type == "cuda":
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.loss.zero_()
+        self.taken, self.steps, self.t0 = 0, 0, now
+        return record
+
+
+def on_skip(cfg: TrainConfig, parts: dict[str, Any], info: dist.DistInfo, exports: dict[str, Any]) -> None:
+    """Log a skipped update; after K in a row, save (the weights are still the last good ones) and stop."""
+    state = parts["state"]
+    console.info(f"step {state.step}: non-finite loss or gradient, update skipped ({state.consecutive_skips} in a row)")
+    if state.consecutive_skips < cfg.max_consecutive_skips:
+        return
+    if info.is_main:  # resuming from it continues past the bad batches
+        save_checkpoint(cfg, parts, exports=exports)
+    raise UserError(
+        f"{state.consecutive_skips} updates in a row had a non-finite loss or gradient",
+        where=f"step {state.step}",
+        fix=f"the weights before these updates are saved as {read_latest(Path(cfg.out))}: resume from it with a "
+        "lower learning rate, bf16 instead of fp16, or check the cache (sdxl prep cache --verify)",
+    )
+
+
+def validation_record(step: TrainStep, unet, loader: CacheLoader, ema: EMA | None, **kw) -> dict[str, Any]:
+    per_level = validate(step, unet, loader, **kw)
+    record = {"val_loss": sum(per_level) / len(per_level), "val_loss_levels": per_level}
+    if ema is not None:
+        with ema.swapped_into(unet):
+            record["val_loss_ema"] = sum(validate(step, unet, loader, **kw)) / len(per_level)
+    return record
 
 
 def log_line(path: Path, record: dict[str, Any]) -> None:
@@ -336,60 +276,31 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         val_loader = CacheLoader(dataset, held, prefetch=cfg.data.prefetch, workers=1, augment=False)
         val_levels = validation_levels(step.objective, cfg.validation.levels, device=device)
 
-    # 7. the loop
-    metrics, last_ckpt, last = out / "metrics.jsonl", None, {}
-    stream = batch_stream(loader)
-    window_loss, window_n, window_steps, window_t = torch.zeros((), device=device), 0, 0, time.perf_counter()
+    # 7. the loop: k micro-batches → one update; log, validate and checkpoint on their cadences
+    metrics, last_ckpt, record = out / "metrics.jsonl", None, {}
+    stream, window = batch_stream(loader), Window(device)
     try:
         with console.progress("train", total=n_updates, unit="step") as advance:
             advance(state.step)
             while state.step < n_updates:
                 micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
-                reseed(generator, seed=cfg.seed, rank=info.rank, step=state.step)
+                reseed(generator, seed=cfg.seed, rank=info.rank, step=state.step)  # resume-exact randomness
                 samples_before = state.samples_seen
                 schedule.step(state.samples_seen + global_batch)  # the rate of an update includes its batch
                 result = step.update(model, micro, optimizer=optimizer, generator=generator, state=state,
                                      ema=ema, ema_source=unet)  # fmt: skip
                 advance(1)
-                window_steps += 1
+                window.add(result)
                 if result.skipped:
-                    console.info(f"step {state.step}: non-finite loss or gradient, update skipped "
-                                 f"({state.consecutive_skips} in a row)")  # fmt: skip
-                    if state.consecutive_skips >= cfg.max_consecutive_skips:
-                        # the weights are still the last good ones: keep them, with the data moved past the bad batches
-                        if info.is_main:
-                            save_checkpoint(cfg, parts, exports=exports)
-                        raise UserError(
-                            f"{state.consecutive_skips} updates in a row had a non-finite loss or gradient",
-                            where=f"step {state.step}",
-                            fix=f"the weights before these updates are saved as {read_latest(out)}: resume from it with a "
-                                "lower learning rate, bf16 instead of fp16, or check the cache (sdxl prep cache --verify)",
-                        )  # fmt: skip
-                else:
-                    window_loss += result.loss
-                    window_n += 1
+                    on_skip(cfg, parts, info, exports)
                 val_now = val_loader is not None and state.step % cfg.validation.every_steps == 0
                 if val_now or state.step % cfg.logging.every_steps == 0 or state.step == n_updates:
-                    now = time.perf_counter()
-                    loss_sum = sum_over_ranks(window_loss, info)  # every rank takes part; skips agree under DDP
-                    last = {"step": state.step, "samples": state.samples_seen,
-                            "loss": float(loss_sum) / (window_n * info.world_size) if window_n else None,
-                            "lr": schedule.lrs(), "grad_norm": float(result.grad_norm),
-                            "samples_per_s": window_steps * global_batch / max(now - window_t, 1e-9),
-                            "skipped": state.skipped, "epoch": sampler.epoch}  # fmt: skip
-                    if device.type == "cuda":
-                        last["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    record = window.flush(state, info, global_batch=global_batch, lr=schedule.lrs(), epoch=sampler.epoch)
                     if val_now:
-                        kw = dict(levels=val_levels, seed=cfg.validation.seed, info=info)
-                        per_level = validate(step, unet, val_loader, **kw)
-                        last.update(val_loss=sum(per_level) / len(per_level), val_loss_levels=per_level)
-                        if ema is not None:
-                            with ema.swapped_into(unet):
-                                last["val_loss_ema"] = sum(validate(step, unet, val_loader, **kw)) / len(per_level)
+                        record.update(validation_record(step, unet, val_loader, ema, levels=val_levels,
+                                                        seed=cfg.validation.seed, info=info))  # fmt: skip
                     if info.is_main:
-                        log_line(metrics, last)
-                    window_loss.zero_()
-                    window_n, window_steps, window_t = 0, 0, now
+                        log_line(metrics, record)
                 if checkpoint_due(cfg, state, samples_before) or state.step == n_updates:
                     if info.is_main:
                         last_ckpt = save_checkpoint(cfg, parts, exports=exports)
@@ -400,4 +311,4 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             val_loader.close()
     dist.shutdown(info)
     return {"steps": state.step, "samples": state.samples_seen, "skipped": state.skipped,
-            "last": last, "checkpoint": None if last_ckpt is None else str(last_ckpt)}  # fmt: skip
+            "last": record, "checkpoint": None if last_ckpt is None else str(last_ckpt)}  # fmt: skip

@@ -1,0 +1,136 @@
+"""A training checkpoint: the state an exact resume needs, plus the model formats users load.
+
+Layout of ``RUN/checkpoints/step-NNNNNN/`` (written atomically by :mod:`checkpoint_dir`):
+
+- ``trainable.safetensors`` — the trained weights in fp32 (LoRA: the adapter's tensors only);
+- ``state.safetensors`` + ``state.json`` — counters, optimiser, LR schedule, data position, EMA
+  shadows, fp16 loss scale and the run config (no pickle anywhere);
+- full finetune: ``diffusers/`` (StableDiffusionXLPipeline folder, scheduler matching the objective,
+  latent normalisation in the VAE config) and ``model.safetensors`` (original layout, ComfyUI/A1111);
+- LoRA: ``lora/`` (diffusers/PEFT) and ``lora_kohya.safetensors``.
+
+Randomness needs no saved state: every update reseeds from (seed, step) (see loop.reseed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdxl_trainer.config import TrainConfig
+from sdxl_trainer.errors import UserError
+from sdxl_trainer.models.export import save_diffusers_pipeline, save_single_file, unwrap_model
+from sdxl_trainer.models.loading import load_text_encoders, load_tokenizers, load_vae
+from sdxl_trainer.models.lora import load_lora_state_dict, lora_state_dict, save_lora_diffusers, save_lora_kohya
+from sdxl_trainer.train.checkpoint_dir import (
+    keep_last,
+    load_state,
+    load_tensors,
+    resolve_resume,
+    save_state,
+    save_tensors,
+    write_checkpoint,
+)
+
+# Changing these between a checkpoint and its resume changes what the run *is*; --force accepts it.
+RESUME_FIXED = ("batch_size", "gradient_accumulation_steps", "objective", "lora", "latents")
+
+
+def trainable_state(unet: torch.nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """What training changed, in fp32: the adapter's tensors for LoRA, every parameter otherwise."""
+    if cfg.lora.enabled:
+        return lora_state_dict(unet)
+    return {n: p.detach() for n, p in unwrap_model(unet).named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable_state(unet: torch.nn.Module, cfg: TrainConfig, tensors: dict[str, torch.Tensor]) -> None:
+    if cfg.lora.enabled:
+        load_lora_state_dict(unet, tensors)
+        return
+    params = dict(unwrap_model(unet).named_parameters())
+    if set(tensors) != set(params):
+        raise UserError("the checkpoint's weights do not fit this UNet", fix="resume with the same --model")
+    for name, value in tensors.items():
+        params[name].copy_(value)
+
+
+def save_checkpoint(cfg: TrainConfig, parts: dict[str, Any], *, exports: dict[str, Any]) -> Path:
+    """One atomic checkpoint folder: training state (exact resume) plus the formats users load."""
+    unet, state = parts["unet"], parts["state"]
+
+    def write(folder: Path) -> None:
+        save_tensors(folder / "trainable.safetensors", {k: v.contiguous() for k, v in trainable_state(unet, cfg).items()})
+        save_state(folder, "state", {
+            "train": state.state_dict(), "optimizer": parts["optimizer"].state_dict(),
+            "schedule": parts["schedule"].state_dict(), "data": parts["loader"].state_dict(),
+            "ema": None if parts["ema"] is None else parts["ema"].state_dict(),
+            "scaler": None if parts["step"].scaler is None else parts["step"].scaler.state_dict(),
+            "config": cfg.model_dump(mode="json"),
+        })  # fmt: skip
+        export_model(folder, cfg, unet, exports)
+
+    folder = write_checkpoint(Path(cfg.out), f"step-{state.step:06d}", write)
+    if cfg.checkpoints.keep_last:
+        keep_last(Path(cfg.out), cfg.checkpoints.keep_last)
+    return folder
+
+
+def export_model(folder: Path, cfg: TrainConfig, unet: torch.nn.Module, exports: dict[str, Any]) -> None:
+    """LoRA: diffusers/PEFT and kohya files. Full finetune: a diffusers folder and one single file."""
+    ck, unet = cfg.checkpoints, unwrap_model(unet)
+    if cfg.lora.enabled:
+        save_lora_diffusers(folder / "lora", unet, dtype=ck.dtype)
+        save_lora_kohya(folder / "lora_kohya.safetensors", unet, dtype=ck.dtype)
+        return
+    if not (ck.diffusers or ck.single_file):
+        return
+    if "vae" not in exports:  # the frozen parts, loaded on the writing rank the first time they are needed
+        exports.update(vae=load_vae(cfg.model), tokenizers=load_tokenizers(cfg.model),
+                       text_encoders=load_text_encoders(cfg.model))  # fmt: skip
+    te1, te2 = exports["text_encoders"]
+    norm = exports.get("latents", {})
+    if ck.diffusers:
+        tok1, tok2 = exports["tokenizers"]
+        save_diffusers_pipeline(folder / "diffusers", unet=unet, vae=exports["vae"], text_encoder=te1,
+                                text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2, objective=cfg.objective.name,
+                                flow_shift=cfg.objective.flow_shift,
+                                sigma_max=cfg.objective.sigma_max if cfg.objective.name == "v_ztsnr" else None,
+                                dtype=ck.dtype, config=cfg, **norm)  # fmt: skip
+    if ck.single_file:
+        save_single_file(folder / "model.safetensors", unet=unet, vae=exports["vae"], text_encoder=te1,
+                         text_encoder_2=te2, dtype=ck.dtype, objective=cfg.objective.name)  # fmt: skip
+
+
+def check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    now = cfg.model_dump(mode="json")
+    changed = [k for k in RESUME_FIXED if saved.get(k) != now.get(k)]
+    if changed and not cfg.force:
+        raise UserError(
+            f"the checkpoint was trained with other {', '.join(changed)} "
+            f"({'; '.join(f'{k}: {saved.get(k)} → {now.get(k)}' for k in changed)})",
+            where="--resume",
+            fix="resume with the checkpoint's settings, or pass --force to continue with the new ones",
+        )
+
+
+def resume(cfg: TrainConfig, parts: dict[str, Any]) -> Path:
+    folder = resolve_resume(Path(cfg.out), cfg.resume)
+    state = load_state(folder, "state")
+    check_resume_config(state["config"], cfg)
+    strict = not cfg.force
+    load_trainable_state(parts["unet"], cfg, load_tensors(folder / "trainable.safetensors"))
+    parts["optimizer"].load_state_dict(state["optimizer"])
+    parts["schedule"].load_state_dict(state["schedule"], strict=strict)
+    parts["loader"].load_state_dict(state["data"], strict=strict)
+    if (state["ema"] is None) != (parts["ema"] is None):
+        raise UserError("EMA was switched on or off since the checkpoint", where="ema.enabled",
+                        fix="resume with the checkpoint's EMA setting")  # fmt: skip
+    if parts["ema"] is not None:
+        parts["ema"].load_state_dict(state["ema"], strict=strict)
+    if parts["step"].scaler is not None and state["scaler"]:
+        parts["step"].scaler.load_state_dict(state["scaler"])
+    parts["state"].load_state_dict(state["train"])
+    return folder
