@@ -328,3 +328,36 @@ def test_fp16_uses_a_grad_scaler_and_skips_with_it(unet):
             break
     assert state.updates == 1 and all(p.dtype == torch.float32 for p in unet.parameters())
     assert not torch.equal(unet.state_dict()["conv_in.weight"], before["conv_in.weight"])
+
+
+class _ToyUNet(torch.nn.Module):
+    """The UNet's call signature on a single conv: lets a test see the step's own host reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.text = torch.nn.Linear(8, 4)
+
+    def forward(self, x, t, *, encoder_hidden_states, added_cond_kwargs, return_dict):
+        bias = self.text(encoder_hidden_states.mean(1) + added_cond_kwargs["text_embeds"][:, :8])
+        return (self.conv(x) + bias[:, :, None, None] + 1e-3 * t[:, None, None, None],)
+
+
+def test_one_host_read_per_update_whatever_the_accumulation(monkeypatch):
+    model = _ToyUNet()
+    batch = {"latents": torch.randn(2, 4, 8, 8), "text_hidden": torch.randn(2, 77, 8).half(),
+             "text_pooled": torch.randn(2, 8).half(), "time_ids": torch.ones(2, 6), "tag_weight": torch.ones(2)}  # fmt: skip
+    step = _step(grad_accum=3, weighting="min_snr")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **kw):
+            reads.append(_name)
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    result = step.update(model, [batch] * 3, optimizer=opt, generator=torch.Generator().manual_seed(0), state=TrainState())
+    monkeypatch.undo()
+    assert not result.skipped and reads == ["__bool__"]
