@@ -185,6 +185,7 @@ def on_skip(cfg: TrainConfig, parts: dict[str, Any], info: dist.DistInfo, export
         return
     if info.is_main:  # resuming from it continues past the bad batches
         save_checkpoint(cfg, parts, exports=exports)
+    dist.barrier(info, "checkpoint before stopping")  # torchrun stops every rank when one exits: let it finish
     raise UserError(
         f"{state.consecutive_skips} updates in a row had a non-finite loss or gradient",
         where=f"step {state.step}",
