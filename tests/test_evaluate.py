@@ -100,10 +100,11 @@ def test_black_and_coherence_tables_agree_with_metrics(evaluated):
     assert [(r["kind"], int(r["seed"])) for r in rows] == [("black", 0), ("black", 1), ("white", 0), ("white", 1)]
     black = [float(r["mean"]) for r in rows if r["kind"] == "black"]
     assert metrics["black"]["black"]["mean"] == pytest.approx(sum(black) / 2)
-    assert metrics["black"]["separation"] == pytest.approx(metrics["black"]["white"]["mean"] - metrics["black"]["black"]["mean"])
+    b = metrics["black"]
+    assert b["separation"] == pytest.approx(b["white"]["mean"] - b["black"]["mean"])
     coh = read_csv(out / "coherence.csv")
-    assert {(float(r["scale"]), r["mode"], int(r["width"])) for r in coh} == {(1.0, "trained", 32), (2.0, "trained", 64),
-                                                                             (2.0, "scaled", 64)}  # fmt: skip
+    canvases = {(float(r["scale"]), r["mode"], int(r["width"])) for r in coh}
+    assert canvases == {(1.0, "trained", 32), (2.0, "trained", 64), (2.0, "scaled", 64)}
     scaled = [float(r["start_sigma"]) for r in coh if r["mode"] == "scaled"]
     assert scaled == pytest.approx([40000.0] * 2, rel=1e-9)  # σ_max · √(area ratio) = 20000 · 2
     for s in metrics["coherence"]["summary"]:

@@ -52,7 +52,8 @@ def ckpts(parts, tmp_path_factory):
     """Diffusers exports of the tiny model: eps (per-channel latents), v_ztsnr (σ_max 5000), flow (shift 2)."""
     root = tmp_path_factory.mktemp("ckpts")
     return {
-        "eps": save_diffusers_pipeline(root / "eps", **_modules(parts), objective="eps", latents_mean=MEAN, latents_std=STD),
+        "eps": save_diffusers_pipeline(root / "eps", **_modules(parts), objective="eps", latents_mean=MEAN,
+                                       latents_std=STD),  # fmt: skip
         "v_ztsnr": save_diffusers_pipeline(root / "vz", **_modules(parts), objective="v_ztsnr", sigma_max=5000.0),
         "flow": save_diffusers_pipeline(root / "flow", **_modules(parts), objective="flow", flow_shift=2.0),
     }
@@ -86,7 +87,8 @@ def test_v_ztsnr_starts_at_its_stored_sigma_max(gens):
     (sigma0, x0), *_ = _first_levels(g)
     assert sigma0 == pytest.approx(5000.0, rel=1e-9)
     assert float(x0.std()) == pytest.approx(5000.0, rel=0.25)  # σ_max·ε over 64 values
-    assert torch.allclose(sampling_sigmas(g, steps=3), karras_sigmas(3, sigma_min=g.objective.sigma_min, sigma_max=5000.0))
+    ref = karras_sigmas(3, sigma_min=g.objective.sigma_min, sigma_max=5000.0)
+    assert torch.allclose(sampling_sigmas(g, steps=3), ref)
 
 
 def test_eps_starts_at_sdxl_sigma_max_and_trailing_at_the_table_end(gens):
@@ -104,7 +106,8 @@ def test_flow_samples_on_its_stored_shift(gens):
     assert torch.allclose(torch.tensor(levels, dtype=torch.float64), flow_times(3, shift=2.0)[:-1])
     assert torch.allclose(sampling_sigmas(g, steps=3, flow_shift=6.0), flow_times(3, shift=6.0))
     with pytest.raises(UserError, match="flow model"):
-        sample_latents(g, prompt="x", seed=0, width=SIDE, height=SIDE, options=SamplingOptions(steps=2, sampler="dpmpp_2m"))
+        opts = SamplingOptions(steps=2, sampler="dpmpp_2m")
+        sample_latents(g, prompt="x", seed=0, width=SIDE, height=SIDE, options=opts)
 
 
 def test_per_channel_checkpoint_decodes_through_its_mean_and_std(gens, parts):

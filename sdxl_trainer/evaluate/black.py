@@ -19,7 +19,10 @@ from sdxl_trainer.evaluate.artifacts import image_grid, new_figure, save_figure,
 from sdxl_trainer.evaluate.checkpoint import Generator
 from sdxl_trainer.evaluate.generate import SamplingOptions, generate_images
 
-DEFAULT_PROMPTS = {"black": "solid color, black background, no humans", "white": "solid color, white background, no humans"}
+DEFAULT_PROMPTS = {
+    "black": "solid color, black background, no humans",
+    "white": "solid color, white background, no humans",
+}
 TARGETS = {"black": 0.0, "white": 1.0}
 CSV_COLUMNS = ("kind", "prompt", "target", "seed", "width", "height", "mean", "std", "abs_error")
 SUMMARY_COLUMNS = ("kind", "target", "n", "mean", "mean_std_across_seeds", "mean_pixel_std", "abs_error", "min", "max")

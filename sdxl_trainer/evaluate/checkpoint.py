@@ -29,6 +29,7 @@ from sdxl_trainer.models.loading import load_pipeline_parts, load_scheduler_conf
 from sdxl_trainer.models.text import count_chunks, encode_prompts
 
 GUIDANCE_SPACE = {"eps": "eps", "v": "v", "flow": "flow"}  # objective.prediction → CFG-rescale space
+PART_NAMES = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
 @dataclass
@@ -115,9 +116,8 @@ def _load_single_file(path: Path, config_dir: Path, dtype: torch.dtype) -> dict[
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load the single file with the configs of {config_dir}: {first}", where=str(path),
-                        fix="pass --config-dir: a diffusers SDXL folder of the same architecture, with tokenizers")  # fmt: skip
-    names = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-    return {n: getattr(pipe, n) for n in names}
+                        fix="pass --config-dir: a diffusers SDXL folder of this architecture, with tokenizers")  # fmt: skip
+    return {n: getattr(pipe, n) for n in PART_NAMES}
 
 
 def _load_parts(source: CheckpointSource, config_dir: Path | None, dtype: torch.dtype) -> dict[str, Any]:
@@ -128,7 +128,7 @@ def _load_parts(source: CheckpointSource, config_dir: Path | None, dtype: torch.
         parts["vae"] = parts["vae"].to(vae_dtype)
         return parts
     loaded = load_pipeline_parts(source.path, dtype=dtype, vae_dtype=vae_dtype)
-    return {n: getattr(loaded, n) for n in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
+    return {n: getattr(loaded, n) for n in PART_NAMES}
 
 
 def _geometry(unet, vae) -> dict[str, int]:

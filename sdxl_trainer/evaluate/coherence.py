@@ -51,7 +51,8 @@ def canvas_side(base: int, scale: float, multiple: int) -> int:
     return max(multiple, int(round(base * scale / multiple)) * multiple)
 
 
-def start_options(generator: Generator, options: SamplingOptions, *, mode: str, side: int, base: int) -> SamplingOptions:
+def start_options(generator: Generator, options: SamplingOptions, *, mode: str, side: int,
+                  base: int) -> SamplingOptions:  # fmt: skip
     """The sampling options of one canvas: as trained, or with σ_max (flow: the shift) scaled by √(area ratio)."""
     if mode == "trained" or side == base:
         return options
@@ -102,7 +103,8 @@ def coherence_check(
                              "mean_brightness": float(image.mean())})  # fmt: skip
                 images.append(image)
     summary = summarise(rows, plan)
-    return {"grid": grid, "base": base, "seeds": list(seeds), "prompts": list(prompts), "summary": summary}, rows, images
+    metrics = {"grid": grid, "base": base, "seeds": list(seeds), "prompts": list(prompts), "summary": summary}
+    return metrics, rows, images
 
 
 def summarise(rows: list[dict[str, Any]], plan: list[tuple[float, str, int]]) -> list[dict[str, Any]]:

@@ -151,7 +151,8 @@ def generation_params(generator: Generator, *, prompt: str, negative: str, seed:
         "prompt": prompt, "negative": negative, "seed": int(seed), "width": width, "height": height,
         **asdict(options), "sampler": pick_sampler(generator, options.sampler),
         "schedule": "flow" if flow else ("karras" if options.schedule == "auto" else options.schedule),
-        "start_sigma": float(sigmas[0]), "flow_shift": generator.flow_shift if options.flow_shift is None else options.flow_shift,
+        "start_sigma": float(sigmas[0]),
+        "flow_shift": generator.flow_shift if options.flow_shift is None else options.flow_shift,
         "objective": generator.info["objective"], "checkpoint": generator.source.get("given"),
         "loras": generator.source.get("loras"), "lora_scale": generator.source.get("lora_scale"),
         "sdxl_trainer": __version__,
@@ -185,7 +186,8 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 def a1111_parameters(params: dict[str, Any]) -> str:
     """The "parameters" text A1111, ComfyUI-Manager and civitai read from a PNG."""
     fields = [f"Steps: {params['steps']}", f"Sampler: {params['sampler']}", f"Schedule type: {params['schedule']}",
-              f"CFG scale: {params['cfg_scale']:g}", f"CFG rescale: {params['cfg_rescale']:g}", f"Seed: {params['seed']}",
+              f"CFG scale: {params['cfg_scale']:g}", f"CFG rescale: {params['cfg_rescale']:g}",
+              f"Seed: {params['seed']}",
               f"Size: {params['width']}x{params['height']}", f"Sigma max: {params['start_sigma']:g}",
               f"Objective: {params['objective']}", f"Model: {params['checkpoint']}"]  # fmt: skip
     if params.get("flow_shift"):

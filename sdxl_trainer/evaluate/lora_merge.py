@@ -37,7 +37,7 @@ def lora_file(path: Path | str) -> Path:
         path = path / DIFFUSERS_WEIGHT_NAME
     if not path.is_file() or path.suffix != ".safetensors":
         raise UserError("LoRA file not found", where=str(path),
-                        fix="give a .safetensors LoRA or a folder holding pytorch_lora_weights.safetensors")  # fmt: skip
+                        fix=f"give a .safetensors LoRA or a folder holding {DIFFUSERS_WEIGHT_NAME}")  # fmt: skip
     return path
 
 
@@ -58,7 +58,8 @@ def _split(key: str, suffixes: dict[str, str]) -> tuple[str, str] | None:
     return None
 
 
-def _group(tensors: dict[str, torch.Tensor], suffixes: dict[str, str], path: Path) -> dict[str, dict[str, torch.Tensor]]:
+def _group(tensors: dict[str, torch.Tensor], suffixes: dict[str, str], path: Path) -> dict[str, dict]:
+    """module → {"down", "up"[, "alpha"]} tensors; anything else in the file is an error."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         split = _split(key, suffixes)
@@ -123,7 +124,7 @@ def _delta(down: torch.Tensor, up: torch.Tensor, shape: torch.Size) -> torch.Ten
     """up·down in the weight's shape (linear, or a 1×1 convolution stored 4-D)."""
     d, u = down.float().flatten(1), up.float().flatten(1)
     if d.shape[1] * u.shape[0] != shape.numel():
-        raise ValueError(f"LoRA factors {tuple(up.shape)}·{tuple(down.shape)} do not fit a weight of shape {tuple(shape)}")
+        raise ValueError(f"LoRA factors {tuple(up.shape)}·{tuple(down.shape)} do not fit a weight {tuple(shape)}")
     return (u @ d).reshape(shape)
 
 

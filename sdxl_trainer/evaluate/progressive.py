@@ -48,7 +48,8 @@ def progressive_check(
         for frame, (image, (step, sigma)) in enumerate(zip(strip, labels)):
             luma = image.mean(dim=0)
             prompt_rows.append({"prompt": prompt, "seed": seed, "frame": frame, "step": step, "sigma": sigma,
-                                "mean_brightness": float(luma.mean()), "std_brightness": float(luma.std(unbiased=False)),
+                                "mean_brightness": float(luma.mean()),
+                                "std_brightness": float(luma.std(unbiased=False)),
                                 "rmse_to_final": float((image - final).pow(2).mean().sqrt())})  # fmt: skip
         rows += prompt_rows
         strips.append(strip)
@@ -65,6 +66,7 @@ def write_progressive_artifacts(out: Path, rows: list[dict[str, Any]], strips: l
     first = [r for r in rows if r["prompt"] == prompts[0]]
     col_labels = [f"step {r['step']} σ {r['sigma']:.3g}" for r in first[:-1]] + ["final"]
     cells = [[thumbnail(img, thumb) for img in strip] for strip in strips]
-    image_grid(cells, row_labels=[p[:60] for p in prompts], col_labels=col_labels, cell=thumb).save(out / "progressive.png")
+    grid = image_grid(cells, row_labels=[p[:60] for p in prompts], col_labels=col_labels, cell=thumb)
+    grid.save(out / "progressive.png")
     write_csv(out / "progressive.csv", rows, CSV_COLUMNS)
     return ["progressive.png"]

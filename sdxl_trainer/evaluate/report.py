@@ -34,7 +34,8 @@ def _black(g: Generator, cfg: Any, out: Path, opts: SamplingOptions, base: int) 
         f"(`{cfg.black_prompt}`) over {len(cfg.seeds)} seeds at {base}px, the decoded images have mean brightness "
         f"{b['mean']:.3f} (target {TARGETS['black']:g}; seeds range {b['min']:.3f}–{b['max']:.3f}, mean pixel std "
         f"{b['mean_pixel_std']:.3f}); asked for white, {w['mean']:.3f} (target {TARGETS['white']:g}). Separation "
-        f"white − black = {metrics['separation']:.3f} (1 = both reached, 0 = the prompt cannot move the mean). A model "
+        f"white − black = {metrics['separation']:.3f} (1 = both reached, 0 = the prompt cannot move the mean). "
+        f"A model "
         f"that starts sampling at σ_max = 14.6 reads the noise's mean as the image's and tends to mid-grey "
         f"(docs/diffusion.md §7); this checkpoint started at level {g.objective.sigma_max:g} ({g.info['objective']})."
     )
@@ -49,7 +50,8 @@ def _coherence(g: Generator, cfg: Any, out: Path, opts: SamplingOptions, base: i
     parts = [f"{s['scale']:g}× {s['mode']} {s['coherence']:.3f}" for s in metrics["summary"]]
     text = (
         f"**High-resolution coherence.** The same prompts and seeds at the training side ({base}px) and larger, "
-        f"started from σ_max as trained and from σ_max scaled by √(area ratio) (flow: the shift). Coherence = 1 − RMS "
+        f"started from σ_max as trained and from σ_max scaled by √(area ratio) (flow: the shift). "
+        f"Coherence = 1 − RMS "
         f"difference of each image's {cfg.coherence_grid}×{cfg.coherence_grid} area-averaged colours from the mean "
         f"base-resolution layout of its prompt (1× gives the seed-to-seed spread; a drop at larger sides means "
         f"tiling, duplicated objects or a colour drift): {'; '.join(parts)}."
@@ -78,7 +80,8 @@ def _schedules(g: Generator, cfg: Any, out: Path, opts: SamplingOptions, base: i
 def _progressive(g: Generator, cfg: Any, out: Path, opts: SamplingOptions, base: int) -> tuple[dict, str, list[str]]:
     prompts = list(cfg.progressive_prompts or [cfg.black_prompt, cfg.coherence_prompts[0]])
     metrics, rows, strips = progressive_check(g, prompts=prompts, seed=cfg.seeds[0], width=base, height=base,
-                                              frames=cfg.progressive_frames, options=opts, negative=cfg.negative)  # fmt: skip
+                                              frames=cfg.progressive_frames, options=opts,
+                                              negative=cfg.negative)  # fmt: skip
     figures = write_progressive_artifacts(out, rows, strips, thumb=cfg.thumbnail)
     first = "; ".join(f"`{p['prompt'][:40]}` {p['first_preview_brightness']:.3f} → {p['final_brightness']:.3f}"
                       for p in metrics["prompts"])  # fmt: skip
@@ -106,7 +109,8 @@ def _header(g: Generator, cfg: Any, opts: SamplingOptions, base: int) -> dict[st
         "flow_shift": g.flow_shift, "latent_normalization": norm, "base_resolution": base,
         "sampling": {"steps": opts.steps, "cfg_scale": opts.cfg_scale, "cfg_rescale": opts.cfg_rescale,
                      "sampler": pick_sampler(g, opts.sampler), "start_level": float(start[0]),
-                     "schedule": "flow" if g.objective.prediction == "flow" else opts.schedule.replace("auto", "karras")},
+                     "schedule": "flow" if g.objective.prediction == "flow"
+                     else opts.schedule.replace("auto", "karras")},
     }  # fmt: skip
 
 

@@ -198,7 +198,8 @@ def _plot_schedules(out: Path, rows) -> None:
 def _plot_density(out: Path, rows) -> None:
     fig, (ax,) = new_figure()
     ax.stairs([r["density"] for r in rows], [rows[0]["bin_lo"]] + [r["bin_hi"] for r in rows])
-    ax.set(xlabel=rows[0]["quantity"].replace("_", " "), ylabel="density", title="training-level density of the checkpoint")
+    ax.set(xlabel=rows[0]["quantity"].replace("_", " "), ylabel="density",
+           title="training-level density of the checkpoint")  # fmt: skip
     save_figure(fig, out / "density.png")
 
 

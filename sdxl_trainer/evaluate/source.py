@@ -138,8 +138,9 @@ def info_from_run_config(config: dict[str, Any], vae_config: dict) -> dict:
         norm = _stats_normalization(Path(config["work"]), vae_config)
     else:
         norm = latent_normalization({"scaling_factor": latents.get("scaling_factor") or vae_config["scaling_factor"]})
-    info = export_info(objective=name, flow_shift=float(objective.get("flow_shift", 3.0)),
-                       sigma_max=objective.get("sigma_max") if name == "v_ztsnr" else None, normalization=norm)  # fmt: skip
+    sigma_max = objective.get("sigma_max") if name == "v_ztsnr" else None  # eps/v: read from "config" later
+    info = export_info(objective=name, flow_shift=float(objective.get("flow_shift", 3.0)), sigma_max=sigma_max,
+                       normalization=norm)  # fmt: skip
     return info | {"config": config, "origin": "run config"}
 
 
