@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from sdxl_trainer import __version__, console
-from sdxl_trainer.config import CacheConfig, ScanConfig, StatsConfig, TrainConfig, WeightsConfig, load_config
+from sdxl_trainer.config import CacheConfig, EvaluateConfig, GenerateConfig, ScanConfig, StatsConfig, TrainConfig, WeightsConfig, load_config
 from sdxl_trainer.errors import UserError
 
 app = typer.Typer(
@@ -278,6 +278,68 @@ def train(
     cfg = load_config(TrainConfig, config, overrides)
     summary = stage.run(cfg)
     console.table("sdxl train", [(k, v) for k, v in summary.items() if k != "last"], ("", ""))
+
+
+@app.command("generate")
+@user_errors
+def generate(
+    checkpoint: Path = typer.Argument(..., help="Run, checkpoint or diffusers folder, or a single .safetensors."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Prompt (repeatable)."),
+    negative: Optional[str] = typer.Option(None, help="Negative prompt (default: the empty prompt, as trained)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the PNGs (default samples/)."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default 28)."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale (default 5; 1 = off)."),
+    cfg_rescale: Optional[float] = typer.Option(None, help="CFG rescale φ (0.7 is Lin et al.'s)."),
+    sampler: Optional[str] = typer.Option(None, help="auto | euler | euler_ancestral | dpmpp_2m | flow_euler."),
+    schedule: Optional[str] = typer.Option(None, help="auto | karras | trailing | uniform."),
+    width: Optional[int] = typer.Option(None, help="Image width (default: the model's base resolution)."),
+    height: Optional[int] = typer.Option(None, help="Image height."),
+    seed: Optional[int] = typer.Option(None, help="First seed; image i uses seed + i."),
+    num_images: Optional[int] = typer.Option(None, help="Images per prompt."),
+    sigma_max: Optional[float] = typer.Option(None, help="Start σ (default: the trained σ_max)."),
+    flow_shift: Optional[float] = typer.Option(None, help="Flow sampling shift (default: the trained one)."),
+    lora: Optional[Path] = typer.Option(None, help="A LoRA (diffusers/PEFT or kohya file) merged into the UNet."),
+    lora_scale: Optional[float] = typer.Option(None, help="LoRA strength."),
+    config_dir: Optional[Path] = typer.Option(None, help="For a single file: an SDXL diffusers folder (configs, tokenizers)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
+    dtype: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16."),
+    config: Optional[Path] = CONFIG_OPT,
+) -> None:
+    """Prompts → PNGs, sampled with the objective, σ_max/shift and latent normalisation the checkpoint stores."""
+    from sdxl_trainer.evaluate import generate as stage
+
+    overrides = {"checkpoint": checkpoint, "prompt": prompt, "negative": negative, "out": out, "steps": steps,
+                 "cfg_scale": cfg, "cfg_rescale": cfg_rescale, "sampler": sampler, "schedule": schedule,
+                 "width": width, "height": height, "seed": seed, "num_images": num_images, "sigma_max": sigma_max,
+                 "flow_shift": flow_shift, "lora": lora, "lora_scale": lora_scale, "config_dir": config_dir,
+                 "device": device, "dtype": dtype}  # fmt: skip
+    paths = stage.run(load_config(GenerateConfig, config, overrides))
+    console.table("sdxl generate", [(str(p),) for p in paths], ("image",))
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="Run, checkpoint or diffusers folder, or a single .safetensors."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (report.md, metrics.json, PNGs)."),
+    check: Optional[list[str]] = typer.Option(None, "--check", help="black | coherence | schedules | progressive (repeatable)."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps of every image."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale."),
+    seeds: Optional[list[int]] = typer.Option(None, "--seed", help="Black/white-image seeds (repeatable)."),
+    base_resolution: Optional[int] = typer.Option(None, help="The training side (default: from the UNet config)."),
+    lora: Optional[Path] = typer.Option(None, help="A LoRA merged into the UNet."),
+    config_dir: Optional[Path] = typer.Option(None, help="For a single file: an SDXL diffusers folder."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Any config key: --set coherence_scales=[1,2]."),
+    config: Optional[Path] = CONFIG_OPT,
+) -> None:
+    """Black-image (ZTSNR), high-resolution coherence, schedules and progressive denoising → REPORT/."""
+    from sdxl_trainer.evaluate import report as stage
+
+    overrides = {"checkpoint": checkpoint, "out": out, "checks": check or None, "steps": steps, "cfg_scale": cfg,
+                 "seeds": seeds or None, "base_resolution": base_resolution, "lora": lora, "config_dir": config_dir,
+                 "device": device, **_parse_sets(set_)}  # fmt: skip
+    stage.run(load_config(EvaluateConfig, config, overrides))
 
 
 def main() -> None:
