@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +18,8 @@ from sdxl_trainer.prep import cache, scan, stats
 from sdxl_trainer.config import StatsConfig
 from sdxl_trainer.train import loop
 from sdxl_trainer.train.step import TrainStep
+
+TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,8 @@ def work(tmp_path_factory, tiny_model_dir, synthetic_data_dir) -> Path:
 def _cfg(model: Path, work: Path, out: Path, **overrides) -> TrainConfig:
     base = {"model": str(model), "work": str(work), "out": str(out), "device": "cpu", "precision": "fp32",
             "batch_size": 2, "num_steps": 4, "optimizer.learning_rate": 1e-4, "logging.every_steps": 1,
-            "checkpoints.diffusers": False, "checkpoints.single_file": False, "data.workers": 1}  # fmt: skip
+            "checkpoints.diffusers": False, "checkpoints.single_file": False, "data.workers": 1,
+            "logging.tensorboard": False}  # fmt: skip
     base.update(overrides)
     return load_config(TrainConfig, None, base)
 
@@ -43,11 +47,13 @@ def test_trains_logs_and_exports(tiny_model_dir, work, tmp_path):
     out = tmp_path / "run"
     cfg = _cfg(tiny_model_dir, work, out, num_steps=3, gradient_accumulation_steps=2, **{
         "objective.name": "v_ztsnr", "latents.normalization": "per_channel", "loss.weighting": "min_snr",
-        "ema.enabled": True, "ema.decay": 0.9, "checkpoints.diffusers": True, "checkpoints.single_file": True})  # fmt: skip
+        "ema.enabled": True, "ema.decay": 0.9, "checkpoints.diffusers": True, "checkpoints.single_file": True,
+        "logging.tensorboard": TENSORBOARD})  # fmt: skip
     summary = loop.run(cfg)
     assert summary["steps"] == 3 and summary["samples"] == 3 * 2 * 2 and summary["skipped"] == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3]
+    assert not TENSORBOARD or list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert all(r["loss"] is not None and 0 < r["loss"] < 100 and r["grad_norm"] > 0 for r in lines)
     ckpt = Path(summary["checkpoint"])
     assert ckpt.name == "step-000003" and (out / "checkpoints" / "latest").read_text().strip() == ckpt.name
@@ -119,7 +125,7 @@ def test_two_gloo_ranks_match_one_process(tiny_model_dir, work, tmp_path):
     common = {"model": str(tiny_model_dir), "work": str(work), "device": "cpu", "precision": "fp32", "num_steps": 3,
               "gradient_accumulation_steps": 2, "optimizer.learning_rate": 1e-4, "logging.every_steps": 1,
               "checkpoints.diffusers": False, "checkpoints.single_file": False, "data.workers": 1,
-              "data.p_uncond": 0.2, "objective.name": "flow"}  # fmt: skip
+              "data.p_uncond": 0.2, "objective.name": "flow", "logging.tensorboard": False}  # fmt: skip
     script = tmp_path / "runner.py"
     script.write_text(RUNNER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -157,7 +163,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, work, tmp_pat
     settings = {"model": str(tiny_model_dir), "work": str(work), "device": "cpu", "precision": "fp32", "batch_size": 2,
                 "num_steps": n, "optimizer.learning_rate": 1e-4, "checkpoints.every_steps": 1, "checkpoints.keep_last": 2,
                 "checkpoints.diffusers": False, "checkpoints.single_file": False, "data.workers": 1,
-                "ema.enabled": True, "ema.decay": 0.9, "schedule.kind": "cosine", "schedule.warmup_samples": 4}  # fmt: skip
+                "ema.enabled": True, "ema.decay": 0.9, "schedule.kind": "cosine", "schedule.warmup_samples": 4,
+                "logging.tensorboard": False}  # fmt: skip
     script = tmp_path / "runner.py"
     script.write_text(RUNNER)
     killed = tmp_path / "killed"
@@ -198,3 +205,20 @@ def test_lora_bf16_checkpointing_eager_attention(tiny_model_dir, work, tmp_path)
     trained = load_file(ckpt / "trainable.safetensors")
     assert kohya and peft and all("lora_" in k for k in trained)
     assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # B starts at 0: it learned
+
+
+@pytest.mark.parametrize("sink", ["tensorboard", "wandb"])
+def test_missing_logging_package_is_a_clear_error(tiny_model_dir, work, tmp_path, sink, monkeypatch):
+    import sys
+
+    module = "torch.utils.tensorboard" if sink == "tensorboard" else "wandb"
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(UserError, match=f"{sink} package is not installed"):
+        loop.run(_cfg(tiny_model_dir, work, tmp_path / "run", **{f"logging.{sink}": True}))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # it stopped before training
+
+
+def test_log_record_scalars():
+    flat = loop.scalars({"step": 3, "loss": 0.5, "lr": {"unet/decay": 1e-4}, "val_loss_levels": [0.1, 0.2],
+                         "epoch": 0, "note": "x"})  # fmt: skip
+    assert flat == {"loss": 0.5, "lr/unet/decay": 1e-4, "val_loss_levels/0": 0.1, "val_loss_levels/1": 0.2, "epoch": 0.0}

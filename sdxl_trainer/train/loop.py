@@ -208,6 +208,62 @@ def log_line(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """A log record as flat name → number (lr per group, validation per level)."""
+    flat: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}/{k}": float(v) for k, v in value.items()})
+        elif isinstance(value, list):
+            flat.update({f"{key}/{i}": float(v) for i, v in enumerate(value)})
+        elif isinstance(value, (int, float)) and key != "step":
+            flat[key] = float(value)
+    return flat
+
+
+def open_sinks(cfg: TrainConfig, out: Path, *, main: bool) -> list[tuple[str, Any]]:
+    """TensorBoard and W&B as configured, besides RUN/metrics.jsonl. Every rank checks the packages
+    (so a missing one stops all ranks at once); only the main rank opens the writers."""
+    sinks: list[tuple[str, Any]] = []
+    if cfg.logging.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("logging.tensorboard is on but the tensorboard package is not installed",
+                            fix="pip install tensorboard, or set logging.tensorboard: false") from None  # fmt: skip
+        if main:
+            sinks.append(("tensorboard", SummaryWriter(log_dir=str(out / "tensorboard"))))
+    if cfg.logging.wandb:
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("logging.wandb is on but the wandb package is not installed",
+                            fix="pip install wandb, or set logging.wandb: false") from None  # fmt: skip
+        if main:
+            run = wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run_name,
+                             mode=cfg.logging.wandb_mode, dir=str(out), config=cfg.model_dump(mode="json"))  # fmt: skip
+            sinks.append(("wandb", run))
+    return sinks
+
+
+def emit(sinks: list[tuple[str, Any]], record: dict[str, Any]) -> None:
+    for kind, sink in sinks:
+        if kind == "tensorboard":
+            for name, value in scalars(record).items():
+                sink.add_scalar(name, value, global_step=record["step"])
+            sink.flush()
+        else:
+            sink.log(scalars(record), step=record["step"])
+
+
+def close_sinks(sinks: list[tuple[str, Any]]) -> None:
+    for kind, sink in sinks:
+        if kind == "tensorboard":
+            sink.close()
+        else:
+            sink.finish()
+
+
 def checkpoint_due(cfg: TrainConfig, state: TrainState, samples_before: int) -> bool:
     ck = cfg.checkpoints
     if ck.every_steps is not None:
@@ -227,6 +283,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         prepare_checkpoints(out)
         dump_config(cfg, out / "config.yaml")
+    sinks = open_sinks(cfg, out, main=info.is_main)  # before anything slow: a missing package fails fast
     dist.barrier(info, "train start")
 
     # 2. data: bucket-pure batches from the cache, this rank's share, read ahead on threads
@@ -302,6 +359,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                                         seed=cfg.validation.seed, info=info))  # fmt: skip
                     if info.is_main:
                         log_line(metrics, record)
+                        emit(sinks, record)
                 if checkpoint_due(cfg, state, samples_before) or state.step == n_updates:
                     if info.is_main:
                         last_ckpt = save_checkpoint(cfg, parts, exports=exports)
@@ -310,6 +368,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         loader.close()
         if val_loader is not None:
             val_loader.close()
+        close_sinks(sinks)
     dist.shutdown(info)
     return {"steps": state.step, "samples": state.samples_seen, "skipped": state.skipped,
             "last": record, "checkpoint": None if last_ckpt is None else str(last_ckpt)}  # fmt: skip
