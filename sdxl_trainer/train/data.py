@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from itertools import islice
@@ -182,7 +182,7 @@ def sample_choices(
 
 
 def sample_latents(
-    out: torch.Tensor, rows: np.ndarray, mean: torch.Tensor, std: torch.Tensor, seeds: np.ndarray
+    out: torch.Tensor, rows: np.ndarray, mean: Sequence[torch.Tensor], std: Sequence[torch.Tensor], seeds: np.ndarray
 ) -> None:
     """``out[rows[j]] = mean[j] + std[j]·ε``, ε ~ N(0, I) in fp32 from a generator seeded by ``seeds[j]``."""
     g = torch.Generator()
