@@ -54,9 +54,9 @@ def ckpts(tiny_model_dir, tmp_path_factory):
 
 
 def _short(ckpt, out, **kw) -> EvaluateConfig:
-    return EvaluateConfig(checkpoint=ckpt, out=out, steps=3, seeds=[0, 1], coherence_seeds=[0, 1],
-                          coherence_scales=[1.0, 2.0], base_resolution=SIDE, density_samples=2000, thumbnail=32,
-                          progressive_frames=3, device="cpu", dtype="fp32", **kw)  # fmt: skip
+    short = dict(steps=3, seeds=[0, 1], coherence_seeds=[0, 1], coherence_scales=[1.0, 2.0], base_resolution=SIDE,
+                 density_samples=2000, thumbnail=32, progressive_frames=3, device="cpu", dtype="fp32")  # fmt: skip
+    return EvaluateConfig(checkpoint=ckpt, out=out, **short | kw)
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +191,41 @@ def test_frame_steps_are_even_and_include_both_ends():
     assert frame_steps(28, 8) == [0, 4, 8, 12, 15, 19, 23, 27]
     assert frame_steps(3, 8) == [0, 1, 2]
     assert frame_steps(10, 2) == [0, 9]
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tiny_model_dir, tmp_path_factory):
+    """Two runs of the real trainer on a 16-image cache: full v_ztsnr (per-channel latents, single file only)
+    and a flow LoRA (shift 2)."""
+    from sdxl_trainer.config import StatsConfig, TrainConfig, load_config
+    from sdxl_trainer.demo import demo_cache_config, demo_scan_config
+    from sdxl_trainer.prep import cache, scan, stats
+    from sdxl_trainer.prep.synthetic import build_synthetic_dataset
+    from sdxl_trainer.train import loop
+
+    root = tmp_path_factory.mktemp("trained")
+    work = root / "work"
+    scan.run(demo_scan_config(build_synthetic_dataset(root / "data", n=16, seed=0), work, tiny_model_dir))
+    stats.run(StatsConfig(work=work, model=tiny_model_dir, device="cpu", max_images=8))
+    cache.run(demo_cache_config(work, tiny_model_dir))
+    base = {"model": str(tiny_model_dir), "work": str(work), "device": "cpu", "precision": "fp32", "batch_size": 2,
+            "num_steps": 2, "data.workers": 1, "logging.tensorboard": False}  # fmt: skip
+    runs = {
+        "full": {"objective.name": "v_ztsnr", "latents.normalization": "per_channel", "checkpoints.diffusers": False},
+        "lora": {"objective.name": "flow", "objective.flow_shift": 2.0, "lora.enabled": True, "lora.rank": 4},
+    }
+    for name, extra in runs.items():
+        loop.run(load_config(TrainConfig, None, base | extra | {"out": str(root / name)}))
+    return root, work
+
+
+def test_evaluate_a_run_of_the_trainer(trained_runs, tmp_path):
+    root, work = trained_runs
+    metrics = report.run(_short(root / "full", tmp_path, checks=["black", "progressive"], steps=2))
+    assert metrics["checkpoint"]["kind"] == "single_file" and metrics["settings_from"] == "run config"
+    stats_doc = json.loads((work / "latent_stats.json").read_text())
+    assert metrics["latent_normalization"]["mean"] == pytest.approx(stats_doc["mean"])
+    assert metrics["sigma_max"] == pytest.approx(20000.0) and (tmp_path / "progressive.csv").is_file()
+    assert all(math.isfinite(x) for x in _numbers(metrics["black"]))
+    g = load_generator(root / "lora", device="cpu", dtype="fp32")
+    assert g.source["kind"] == "lora" and g.flow_shift == 2.0 and len(g.source["loras"]) == 1

@@ -108,6 +108,11 @@ def _load_single_file(path: Path, config_dir: Path, dtype: torch.dtype) -> dict[
     """The four parts and tokenizers of an original-layout file, through diffusers' single-file loader."""
     from diffusers import StableDiffusionXLPipeline
 
+    from diffusers.utils import logging as diffusers_logging
+
+    level, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.set_verbosity_error()  # its loading bar and dtype notices are not the user's business
+    diffusers_logging.disable_progress_bar()
     try:
         with quiet_hf(warnings=True):
             pipe = StableDiffusionXLPipeline.from_single_file(
@@ -117,6 +122,10 @@ def _load_single_file(path: Path, config_dir: Path, dtype: torch.dtype) -> dict[
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load the single file with the configs of {config_dir}: {first}", where=str(path),
                         fix="pass --config-dir: a diffusers SDXL folder of this architecture, with tokenizers")  # fmt: skip
+    finally:
+        diffusers_logging.set_verbosity(level)
+        if bars:
+            diffusers_logging.enable_progress_bar()
     return {n: getattr(pipe, n) for n in PART_NAMES}
 
 
@@ -125,7 +134,8 @@ def _load_parts(source: CheckpointSource, config_dir: Path | None, dtype: torch.
     vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     if source.kind == "single_file":
         parts = _load_single_file(source.path, default_config_dir(source, config_dir), dtype)
-        parts["vae"] = parts["vae"].to(vae_dtype)
+        if parts["vae"].dtype != vae_dtype:
+            parts["vae"] = parts["vae"].to(vae_dtype)
         return parts
     loaded = load_pipeline_parts(source.path, dtype=dtype, vae_dtype=vae_dtype)
     return {n: getattr(loaded, n) for n in PART_NAMES}
@@ -190,9 +200,12 @@ def encode_text(generator: Generator, prompts: list[str], negatives: list[str], 
     return out[0], out[1]
 
 
-def unet_kwargs(hidden: torch.Tensor, pooled: torch.Tensor, *, height: int, width: int, dtype: torch.dtype) -> dict:
-    """SDXL's conditioning: text states, pooled text and time ids (h, w, 0, 0, h, w) — an uncropped image."""
-    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=hidden.device)
+def unet_kwargs(hidden: torch.Tensor, pooled: torch.Tensor, *, height: int, width: int) -> dict:
+    """SDXL's conditioning: text states, pooled text and time ids (h, w, 0, 0, h, w) — an uncropped image.
+
+    The time ids stay fp32, as in training: the UNet embeds them in fp32, and bf16 cannot hold e.g. 1017.
+    """
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=hidden.device)
     return {
         "encoder_hidden_states": hidden,
         "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.expand(hidden.shape[0], -1)},

@@ -127,12 +127,12 @@ def sample_latents(
     sigmas = sampling_sigmas(g, steps=options.steps, schedule=options.schedule, sigma_max=options.sigma_max,
                              flow_shift=options.flow_shift)  # fmt: skip
     (hidden, pooled), (neg_hidden, neg_pooled) = encode_text(g, [prompt], [negative], max_chunks=options.max_chunks)
-    cond = unet_kwargs(hidden, pooled, height=height, width=width, dtype=g.dtype)
+    cond = unet_kwargs(hidden, pooled, height=height, width=width)
     denoiser = g.objective.denoiser(_unet_fn(g), dtype=g.dtype)
     if options.cfg_scale == 1.0:  # no guidance: the negative would cancel out, skip its UNet call
         model, extra = denoiser, cond
     else:
-        uncond = unet_kwargs(neg_hidden, neg_pooled, height=height, width=width, dtype=g.dtype)
+        uncond = unet_kwargs(neg_hidden, neg_pooled, height=height, width=width)
         model = guided_denoiser(denoiser, scale=options.cfg_scale, phi=options.cfg_rescale, space=g.guidance_space)
         extra = {"cond": cond, "uncond": uncond}
     rng = torch.Generator("cpu").manual_seed(int(seed))
