@@ -64,7 +64,7 @@ def write_progressive_artifacts(out: Path, rows: list[dict[str, Any]], strips: l
     """progressive.png (one strip per prompt, final image last) beside progressive.csv."""
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))
     first = [r for r in rows if r["prompt"] == prompts[0]]
-    col_labels = [f"step {r['step']} σ {r['sigma']:.3g}" for r in first[:-1]] + ["final"]
+    col_labels = [f"step {r['step']} sigma {r['sigma']:.3g}" for r in first[:-1]] + ["final"]  # PIL's font: ASCII
     cells = [[thumbnail(img, thumb) for img in strip] for strip in strips]
     grid = image_grid(cells, row_labels=[p[:60] for p in prompts], col_labels=col_labels, cell=thumb)
     grid.save(out / "progressive.png")
