@@ -24,7 +24,7 @@ from sdxl_trainer import console, dist
 from sdxl_trainer.config import StatsConfig
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.models.loading import load_vae, resolve_dtype
-from sdxl_trainer.prep.pixels import PixelSource, read_manifest
+from sdxl_trainer.prep.pixels import read_manifest
 from sdxl_trainer.prep.transforms import apply_crop, plan_crop, to_tensor
 from sdxl_trainer.schema import write_json
 
