@@ -342,6 +342,17 @@ def evaluate(
     stage.run(load_config(EvaluateConfig, config, overrides))
 
 
+@app.command("config")
+@user_errors
+def config_template(stage: str = typer.Argument(..., help="scan | stats | cache | weights | train | generate | evaluate")) -> None:
+    """Print a stage's config as commented YAML with every default (a starting point for --config)."""
+    from sdxl_trainer.config.docs import STAGES, template
+
+    if stage not in STAGES:
+        raise UserError(f"no stage {stage!r}", fix=f"use one of {', '.join(STAGES)}")
+    typer.echo("\n".join(template(STAGES[stage][0])))
+
+
 def main() -> None:
     # transformers warns at import about optional vision back-ends we never use; --debug keeps them.
     if "--debug" not in sys.argv:

@@ -106,3 +106,23 @@ def test_cli_train_rejects_bad_set(tmp_path):
     result = runner.invoke(app, ["train", "--set", "objective.nmae=flow", "--model", "m", "--work", "w", "--out", "o",
                                  "--num-steps", "1"])  # fmt: skip
     assert result.exit_code == 2 and "did you mean 'objective.name'" in result.output
+
+
+def test_config_docs_are_current_and_templates_load(tmp_path):
+    import yaml
+
+    from sdxl_trainer.config.docs import STAGES, page
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert doc == page(), "regenerate: python -m sdxl_trainer.config.docs > docs/configuration.md"
+    required = {"out": "o", "work": "w", "model": "m", "checkpoint": "c", "data_dir": "d", "prompt": ["p"],
+                "num_steps": 1}  # fmt: skip
+    for stage, (cls, _) in STAGES.items():
+        result = runner.invoke(app, ["config", stage])
+        assert result.exit_code == 0, result.output
+        data = yaml.safe_load(result.output)
+        data.update({k: v for k, v in required.items() if k in cls.model_fields and data.get(k) is None})
+        path = tmp_path / f"{stage}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        assert load_config(cls, path) == cls.model_validate(data)
+    assert runner.invoke(app, ["config", "nope"]).exit_code == 2
