@@ -17,10 +17,11 @@ ALLOWED = {
     "config": {"errors"},
     "console": set(),
     "dist": {"errors"},
+    "caption_variants": {"errors", "config"},
     "cache_format": {"schema", "errors"},
     "models": {"errors", "schema", "config", "console"},
-    "prep": {"errors", "schema", "config", "console", "models", "diffusion", "cache_format", "dist"},
-    "train": {"errors", "schema", "config", "console", "models", "diffusion", "cache_format", "dist"},
+    "prep": {"errors", "schema", "config", "console", "models", "diffusion", "cache_format", "dist", "caption_variants"},
+    "train": {"errors", "schema", "config", "console", "models", "diffusion", "cache_format", "dist", "caption_variants"},
     "evaluate": {"errors", "schema", "config", "console", "models", "diffusion", "train"},
 }
 THIRD_PARTY_FORBIDDEN = {"diffusion": {"diffusers", "transformers", "peft", "pyarrow", "datasets", "PIL"}}

@@ -14,7 +14,7 @@ import pytest
 
 from sdxl_trainer.config import CaptionVariantsConfig
 from sdxl_trainer.errors import UserError
-from sdxl_trainer.prep.variants import make_variant, make_variants, variant_inputs
+from sdxl_trainer.caption_variants import make_variant, make_variants, variant_inputs
 
 TAGS = ["1girl", "solo", "long hair", "blue eyes", "smile", "sitting", "bench", "outdoors", "tree", "sky"]
 CAPTION = "a girl with long hair smiling on a park bench"
@@ -54,7 +54,7 @@ def test_same_in_another_process_and_pure() -> None:
     code = (
         "import json, sys\n"
         "from sdxl_trainer.config import CaptionVariantsConfig\n"
-        "from sdxl_trainer.prep.variants import make_variants\n"
+        "from sdxl_trainer.caption_variants import make_variants\n"
         f"v = make_variants(tags={TAGS!r}, caption={CAPTION!r}, n=6, seed=7, image_id='p', "
         "cfg=CaptionVariantsConfig(keep_first=1))\n"
         "print(json.dumps({'v': v, 'heavy': [m for m in ('torch', 'pyarrow', 'numpy') if m in sys.modules]}))\n"

@@ -100,7 +100,7 @@ class WeightsConfig(Section):
 class CaptionVariantsConfig(Section):
     """Caption variants per image, so cached text embeddings still see shuffle and dropout.
 
-    docs/caption-variants.md describes each step; `sdxl_trainer.prep.variants` builds them.
+    docs/caption-variants.md describes each step; `sdxl_trainer.caption_variants` builds them.
     """
 
     count: int = Field(4, ge=1, description="variants per image (each one is a cached text embedding)")

@@ -30,7 +30,7 @@ from sdxl_trainer.models.loading import load_text_encoders, load_tokenizers, loa
 from sdxl_trainer.models.text import count_chunks, encode_prompts
 from sdxl_trainer.prep.pixels import PixelSource, read_manifest
 from sdxl_trainer.prep.transforms import apply_crop, flipped_crop_left, plan_crop, to_tensor
-from sdxl_trainer.prep.variants import make_variants, variant_inputs
+from sdxl_trainer.caption_variants import make_variants, variant_inputs
 
 MiB = 1 << 20
 

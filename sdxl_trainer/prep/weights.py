@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from sdxl_trainer import console
 from sdxl_trainer.config import WeightsConfig
 from sdxl_trainer.errors import UserError
-from sdxl_trainer.prep.variants import tag_key
+from sdxl_trainer.caption_variants import tag_key
 from sdxl_trainer.schema import TAG_STATS_SCHEMA, TAG_WEIGHTS_SCHEMA, read_table, write_table
 
 MANIFEST = "manifest.parquet"
