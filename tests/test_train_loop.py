@@ -11,11 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdxl_trainer.config import TrainConfig, load_config
+from sdxl_trainer.config import StatsConfig, TrainConfig, load_config
 from sdxl_trainer.demo import demo_cache_config, demo_scan_config
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.prep import cache, scan, stats
-from sdxl_trainer.config import StatsConfig
 from sdxl_trainer.train import loop
 from sdxl_trainer.train.step import TrainStep
 
@@ -135,7 +134,8 @@ def test_two_gloo_ranks_match_one_process(tiny_model_dir, work, tmp_path):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     subprocess.run([*launch, json.dumps(two)], check=True, env=env, timeout=300)
 
-    curves = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    curves = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("one", "two")]  # fmt: skip
     assert [r["samples"] for r in curves[0]] == [r["samples"] for r in curves[1]] == [8, 16, 24]
     for a, b in zip(*curves):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
@@ -161,7 +161,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, work, tmp_pat
 
     n = 5
     settings = {"model": str(tiny_model_dir), "work": str(work), "device": "cpu", "precision": "fp32", "batch_size": 2,
-                "num_steps": n, "optimizer.learning_rate": 1e-4, "checkpoints.every_steps": 1, "checkpoints.keep_last": 2,
+                "num_steps": n, "optimizer.learning_rate": 1e-4, "checkpoints.every_steps": 1,
+                "checkpoints.keep_last": 2,
                 "checkpoints.diffusers": False, "checkpoints.single_file": False, "data.workers": 1,
                 "ema.enabled": True, "ema.decay": 0.9, "schedule.kind": "cosine", "schedule.warmup_samples": 4,
                 "logging.tensorboard": False}  # fmt: skip
@@ -188,7 +189,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, work, tmp_pat
     a = load_file(tmp_path / "straight" / "checkpoints" / f"step-{n:06d}" / "trainable.safetensors")
     b = load_file(killed / "checkpoints" / f"step-{n:06d}" / "trainable.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ema = [load_file(d / "checkpoints" / f"step-{n:06d}" / "state.safetensors") for d in (tmp_path / "straight", killed)]
+    ema = [load_file(d / "checkpoints" / f"step-{n:06d}" / "state.safetensors")
+           for d in (tmp_path / "straight", killed)]  # fmt: skip
     assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
 
 
@@ -221,4 +223,40 @@ def test_missing_logging_package_is_a_clear_error(tiny_model_dir, work, tmp_path
 def test_log_record_scalars():
     flat = loop.scalars({"step": 3, "loss": 0.5, "lr": {"unet/decay": 1e-4}, "val_loss_levels": [0.1, 0.2],
                          "epoch": 0, "note": "x"})  # fmt: skip
-    assert flat == {"loss": 0.5, "lr/unet/decay": 1e-4, "val_loss_levels/0": 0.1, "val_loss_levels/1": 0.2, "epoch": 0.0}
+    assert flat == {"loss": 0.5, "lr/unet/decay": 1e-4, "val_loss_levels/0": 0.1, "val_loss_levels/1": 0.2,
+                    "epoch": 0.0}  # fmt: skip
+
+
+def test_run_length_and_checkpoint_cadence():
+    from sdxl_trainer.train.state import TrainState
+
+    def cfg(**kw):
+        return load_config(TrainConfig, None, {"model": "m", "work": "w", "out": "o", **kw})
+
+    assert loop.total_updates(cfg(num_steps=7), batches_per_epoch=10, global_batch=8) == 7
+    assert loop.total_updates(cfg(num_samples=20), batches_per_epoch=10, global_batch=8) == 3  # rounded up
+    assert loop.total_updates(cfg(num_epochs=1.5, gradient_accumulation_steps=4), batches_per_epoch=10,
+                              global_batch=8) == 4  # ceil(15 batches / 4)  # fmt: skip
+    by_samples, state = cfg(num_steps=9, **{"checkpoints.every_samples": 10}), TrainState()
+    due = []
+    for _ in range(6):
+        before = state.samples_seen
+        state.record(samples=4, skipped=False)
+        due.append(loop.checkpoint_due(by_samples, state, before))
+    assert due == [False, False, True, False, True, False]  # 12 ≥ 10, 20 ≥ 20
+    assert not loop.checkpoint_due(cfg(num_steps=9), state, 0)  # no cadence: only the final checkpoint
+
+
+def test_resume_config_check():
+    from sdxl_trainer.train.checkpoint import check_resume_config
+
+    def cfg(**kw):
+        return load_config(TrainConfig, None, {"model": "m", "work": "w", "out": "o", "num_steps": 2, **kw})
+
+    saved = cfg().model_dump(mode="json")
+    check_resume_config(saved, cfg(num_steps=5, **{"optimizer.learning_rate": 1e-4}))  # length and lr may change
+    with pytest.raises(UserError, match="objective"):
+        check_resume_config(saved, cfg(**{"objective.name": "flow"}))
+    with pytest.raises(UserError, match="lora"):
+        check_resume_config(saved, cfg(**{"lora.enabled": True}))
+    check_resume_config(saved, cfg(force=True, **{"objective.name": "flow"}))

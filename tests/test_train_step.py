@@ -77,7 +77,8 @@ def test_update_has_finite_loss_and_moves_weights(unet, objective):
     step = _step(objective=objective, weighting="min_snr")
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
     before, state = _weights(unet), TrainState()
-    result = step.update(unet, [make_batch(unet)], optimizer=opt, generator=torch.Generator().manual_seed(0), state=state)
+    gen = torch.Generator().manual_seed(0)
+    result = step.update(unet, [make_batch(unet)], optimizer=opt, generator=gen, state=state)
     assert not result.skipped and torch.isfinite(result.loss) and result.loss > 0
     assert torch.isfinite(result.grad_norm) and result.grad_norm > 0
     assert state.state_dict() == {"step": 1, "updates": 1, "samples_seen": 2, "skipped": 0, "consecutive_skips": 0}
@@ -160,8 +161,8 @@ def test_accumulation_equals_one_big_batch(unet_template, objective):
     for accum, batches in ((1, [big]), (k, micro)):
         model = _copy(unet_template).train()
         fixed = _Fixed(level, noise)
-        step = dataclasses.replace(_step(objective=objective, grad_accum=accum, max_grad_norm=None, weighting="min_snr"),
-                                   sample_level=fixed.sample_level, sample_noise=fixed.sample_noise)  # fmt: skip
+        built = _step(objective=objective, grad_accum=accum, max_grad_norm=None, weighting="min_snr")
+        step = dataclasses.replace(built, sample_level=fixed.sample_level, sample_noise=fixed.sample_noise)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         result = step.update(model, batches, optimizer=opt, generator=g, state=TrainState())
         finals.append((result, _weights(model)))
@@ -346,7 +347,8 @@ class _ToyUNet(torch.nn.Module):
 def test_one_host_read_per_update_whatever_the_accumulation(monkeypatch):
     model = _ToyUNet()
     batch = {"latents": torch.randn(2, 4, 8, 8), "text_hidden": torch.randn(2, 77, 8).half(),
-             "text_pooled": torch.randn(2, 8).half(), "time_ids": torch.ones(2, 6), "tag_weight": torch.ones(2)}  # fmt: skip
+             "text_pooled": torch.randn(2, 8).half(), "time_ids": torch.ones(2, 6),
+             "tag_weight": torch.ones(2)}  # fmt: skip
     step = _step(grad_accum=3, weighting="min_snr")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     reads = []
@@ -358,6 +360,7 @@ def test_one_host_read_per_update_whatever_the_accumulation(monkeypatch):
             return _real(self, *a, **kw)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    result = step.update(model, [batch] * 3, optimizer=opt, generator=torch.Generator().manual_seed(0), state=TrainState())
+    gen = torch.Generator().manual_seed(0)
+    result = step.update(model, [batch] * 3, optimizer=opt, generator=gen, state=TrainState())
     monkeypatch.undo()
     assert not result.skipped and reads == ["__bool__"]

@@ -62,7 +62,8 @@ def save_checkpoint(cfg: TrainConfig, parts: dict[str, Any], *, exports: dict[st
     unet, state = parts["unet"], parts["state"]
 
     def write(folder: Path) -> None:
-        save_tensors(folder / "trainable.safetensors", {k: v.contiguous() for k, v in trainable_state(unet, cfg).items()})
+        weights = {k: v.contiguous() for k, v in trainable_state(unet, cfg).items()}
+        save_tensors(folder / "trainable.safetensors", weights)
         save_state(folder, "state", {
             "train": state.state_dict(), "optimizer": parts["optimizer"].state_dict(),
             "schedule": parts["schedule"].state_dict(), "data": parts["loader"].state_dict(),

@@ -168,7 +168,8 @@ class Window:
         now = time.perf_counter()
         loss = float(sum_over_ranks(self.loss, info)) / (self.taken * info.world_size) if self.taken else None
         record = {"step": state.step, "samples": state.samples_seen, "loss": loss, "lr": lr,
-                  "grad_norm": float(self.grad_norm), "samples_per_s": self.steps * global_batch / max(now - self.t0, 1e-9),
+                  "grad_norm": float(self.grad_norm),
+                  "samples_per_s": self.steps * global_batch / max(now - self.t0, 1e-9),
                   "skipped": state.skipped, "epoch": epoch}  # fmt: skip
         if self.device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -353,7 +354,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     on_skip(cfg, parts, info, exports)
                 val_now = val_loader is not None and state.step % cfg.validation.every_steps == 0
                 if val_now or state.step % cfg.logging.every_steps == 0 or state.step == n_updates:
-                    record = window.flush(state, info, global_batch=global_batch, lr=schedule.lrs(), epoch=sampler.epoch)
+                    record = window.flush(state, info, global_batch=global_batch, lr=schedule.lrs(),
+                                          epoch=sampler.epoch)  # fmt: skip
                     if val_now:
                         record.update(validation_record(step, unet, val_loader, ema, levels=val_levels,
                                                         seed=cfg.validation.seed, info=info))  # fmt: skip

@@ -290,7 +290,8 @@ def build_train_step(
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}", fix=f"use one of {', '.join(PRECISIONS)}")
     if grad_accum < 1 or not 0 <= rank < world_size:
-        raise UserError(f"need gradient accumulation ≥ 1 ({grad_accum}) and 0 ≤ rank ({rank}) < world size ({world_size})")
+        raise UserError(f"need gradient accumulation ≥ 1 ({grad_accum}) and 0 ≤ rank ({rank}) < world size "
+                        f"({world_size})")  # fmt: skip
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise UserError(f"max_grad_norm {max_grad_norm} must be > 0 (or unset: no clipping)")
     try:
