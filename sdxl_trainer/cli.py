@@ -191,11 +191,12 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for the tiny model, data and outputs."),
     images: int = typer.Option(300, help="Synthetic images to generate."),
     seed: int = typer.Option(0, help="Seed for the model weights and the data."),
+    train_steps: int = typer.Option(600, help="Updates per trained model (three are trained)."),
 ) -> None:
     """Run every stage on synthetic data and a tiny SDXL model (offline, CPU, minutes)."""
     from sdxl_trainer import demo as stage
 
-    stage.run(out, n_images=images, seed=seed)
+    stage.run(out, n_images=images, seed=seed, train_steps=train_steps)
 
 
 def _parse_sets(pairs: list[str] | None) -> dict[str, Any]:

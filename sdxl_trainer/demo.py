@@ -1,23 +1,41 @@
 """`sdxl demo --out DIR`: the whole pipeline on synthetic data and a tiny SDXL model, offline, on CPU.
 
-It builds DIR/model (tiny SDXL-architecture diffusers folder, seeded random weights) and DIR/data
-(synthetic tagged images), then runs every stage that exists, in order, through the same `run`
-functions the CLI calls — so the demo exercises the real code paths, not a mock of them:
-scan → stats → cache → weights.
+It builds DIR/model (tiny SDXL-architecture diffusers folder, seeded weights, a VAE fitted to the
+synthetic images) and DIR/data (synthetic tagged images), then runs every stage through the same
+`run` functions the CLI calls — scan → stats → cache → weights → train → evaluate — so the demo
+exercises the real code paths, not a mock of them.
+
+It trains three tiny models from the same start on the same cache, differing only in the noise
+schedule and objective: an eps-prediction baseline on SDXL's schedule (σ_max = 14.6), v-prediction
+with zero terminal SNR at σ_max = 20000 (NovelAI V3), and rectified flow (bigASP v2.5). Asked for a
+solid black image, the last two reach black; the baseline cannot move far from mid-grey, because
+at σ = 14.6 the "pure noise" it starts from still carries the image mean it must keep
+(docs/diffusion.md §7, docs/demo.md).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from sdxl_trainer import console
-from sdxl_trainer.config import CacheConfig, ScanConfig, StatsConfig, WeightsConfig
+from sdxl_trainer.config import CacheConfig, EvaluateConfig, ScanConfig, StatsConfig, TrainConfig, WeightsConfig
+from sdxl_trainer.evaluate import report
+from sdxl_trainer.evaluate.black import black_image_metrics
+from sdxl_trainer.evaluate.checkpoint import load_generator
+from sdxl_trainer.evaluate.generate import SamplingOptions
 from sdxl_trainer.models.tiny import DEMO_BUCKETS, build_tiny_model
 from sdxl_trainer.prep import cache, scan, stats, weights
 from sdxl_trainer.prep.synthetic import build_synthetic_dataset
+from sdxl_trainer.train import loop
 
 DEMO_IMAGES = 300
+OBJECTIVES = ("eps", "v_ztsnr", "flow")
+LABELS = {"eps": "eps, SDXL schedule (baseline)", "v_ztsnr": "v, zero terminal SNR, σ_max 20000", "flow": "rectified flow"}
+TRAIN_STEPS = 600
+BLACK_SEEDS = list(range(8))
+SAMPLING = SamplingOptions(steps=20, cfg_scale=3.0)
 
 
 def demo_scan_config(data: Path, work: Path, model: Path | None = None) -> ScanConfig:
@@ -29,17 +47,37 @@ def demo_cache_config(work: Path, model: Path) -> CacheConfig:
     return CacheConfig(work=work, model=model, device="cpu", batch_size=16, flip=True)
 
 
-def run(out: Path, *, n_images: int = DEMO_IMAGES, seed: int = 0) -> dict:
-    """Build the kit (reusing it when present) and run every stage; returns seconds per stage."""
+def demo_train_config(model: Path, work: Path, out: Path, objective: str, *, steps: int = TRAIN_STEPS) -> TrainConfig:
+    """Same start, data, length and optimiser for every objective; only the schedule/objective differs."""
+    return TrainConfig(
+        model=model, work=work, out=out, objective={"name": objective}, num_steps=steps, batch_size=16,
+        precision="fp32", device="cpu", seed=0, latents={"normalization": "per_channel"},
+        optimizer={"learning_rate": 1e-3, "weight_decay": 0.0}, schedule={"kind": "cosine", "warmup_samples": steps * 16 // 10},
+        data={"p_uncond": 0.1, "workers": 1}, logging={"every_steps": 50, "tensorboard": False},
+        checkpoints={"single_file": False, "keep_last": 1},
+    )  # fmt: skip
+
+
+def black_table(results: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
+    rows = []
+    for objective, m in results.items():
+        rows.append((LABELS[objective], f"{m['black']['mean']:.3f}", f"{m['white']['mean']:.3f}",
+                     f"{m['separation']:.3f}"))  # fmt: skip
+    return rows
+
+
+def run(out: Path, *, n_images: int = DEMO_IMAGES, seed: int = 0, train_steps: int = TRAIN_STEPS) -> dict:
+    """Build the kit (reusing it when present) and run every stage; returns timings and black-image numbers."""
     out = Path(out)
     model, data, work = out / "model", out / "data", out / "work"
     timings: dict[str, float] = {}
 
-    def stage(name: str, fn) -> None:
+    def stage(name: str, fn) -> Any:
         console.info(f"[bold cyan]── {name}[/]")
         t0 = time.perf_counter()
-        fn()
+        result = fn()
         timings[name] = time.perf_counter() - t0
+        return result
 
     if not (model / "model_index.json").is_file():
         stage("build tiny model", lambda: build_tiny_model(model, seed=seed))
@@ -49,5 +87,18 @@ def run(out: Path, *, n_images: int = DEMO_IMAGES, seed: int = 0) -> dict:
     stage("prep stats", lambda: stats.run(StatsConfig(work=work, model=model, device="cpu")))
     stage("prep cache", lambda: cache.run(demo_cache_config(work, model), verify_after=True))
     stage("prep weights", lambda: weights.run(WeightsConfig(work=work, min_count=2)))
+    black: dict[str, dict[str, Any]] = {}
+    for objective in OBJECTIVES:
+        run_dir = out / "runs" / objective
+        cfg = demo_train_config(model, work, run_dir, objective, steps=train_steps)
+        stage(f"train {objective}", lambda: loop.run(cfg))
+        g = load_generator(run_dir, device="cpu", dtype="fp32")
+        black[objective] = stage(f"black image {objective}",
+                                 lambda: black_image_metrics(g, seeds=BLACK_SEEDS, options=SAMPLING))  # fmt: skip
+    stage("evaluate v_ztsnr", lambda: report.run(EvaluateConfig(
+        checkpoint=out / "runs" / "v_ztsnr", out=out / "report", steps=SAMPLING.steps, cfg_scale=SAMPLING.cfg_scale,
+        seeds=BLACK_SEEDS[:4], coherence_seeds=[0, 1], density_samples=20_000, device="cpu", dtype="fp32")))  # fmt: skip
+    console.table("black-image test (brightness in [0, 1]; target black 0, white 1)", black_table(black),
+                  ("model", "asked black", "asked white", "separation"))  # fmt: skip
     console.table("sdxl demo", [(k, f"{v:.1f} s") for k, v in timings.items()], ("stage", "time"))
-    return timings
+    return {"timings": timings, "black": black}

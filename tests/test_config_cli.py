@@ -67,7 +67,7 @@ def test_cli_debug_shows_the_exception(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path):
-    result = runner.invoke(app, ["--quiet", "demo", "--out", str(tmp_path), "--images", "40"])
+    result = runner.invoke(app, ["--quiet", "demo", "--out", str(tmp_path), "--images", "40", "--train-steps", "3"])
     assert result.exit_code == 0, result.output
     work = tmp_path / "work"
     manifest = pq.read_table(work / "manifest.parquet")
@@ -78,6 +78,11 @@ def test_demo_runs_every_stage(tmp_path):
     ok = sum(s == "ok" for s in manifest["status"].to_pylist())
     assert meta["rows"] == ok > 30
     assert pq.read_table(work / "tag_weights.parquet").num_rows == ok
+    for objective in ("eps", "v_ztsnr", "flow"):
+        run = tmp_path / "runs" / objective
+        assert (run / "checkpoints" / "latest").is_file() and (run / "metrics.jsonl").is_file()
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["objective"] == "v_ztsnr" and "black" in metrics and (tmp_path / "report" / "report.md").is_file()
 
 
 def test_cli_train_with_seed_script_flags(tiny_model_dir, tiny_work, tmp_path):
