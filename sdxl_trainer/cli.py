@@ -192,11 +192,12 @@ def demo(
     images: int = typer.Option(300, help="Synthetic images to generate."),
     seed: int = typer.Option(0, help="Seed for the model weights and the data."),
     train_steps: int = typer.Option(600, help="Updates per trained model (three are trained)."),
+    quick: bool = typer.Option(False, "--quick", help="Smoke-test sizes for the sampling checks (for CI)."),
 ) -> None:
     """Run every stage on synthetic data and a tiny SDXL model (offline, CPU, minutes)."""
     from sdxl_trainer import demo as stage
 
-    stage.run(out, n_images=images, seed=seed, train_steps=train_steps)
+    stage.run(out, n_images=images, seed=seed, train_steps=train_steps, quick=quick)
 
 
 def _parse_sets(pairs: list[str] | None) -> dict[str, Any]:

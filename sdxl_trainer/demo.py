@@ -66,8 +66,16 @@ def black_table(results: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
     return rows
 
 
-def run(out: Path, *, n_images: int = DEMO_IMAGES, seed: int = 0, train_steps: int = TRAIN_STEPS) -> dict:
-    """Build the kit (reusing it when present) and run every stage; returns timings and black-image numbers."""
+def run(out: Path, *, n_images: int = DEMO_IMAGES, seed: int = 0, train_steps: int = TRAIN_STEPS,
+        quick: bool = False) -> dict:
+    """Build the kit (reusing it when present) and run every stage; returns timings and black-image numbers.
+
+    ``quick`` shrinks the sampling (2 seeds, 4 steps, two report checks): a smoke test of every code
+    path for CI, whose numbers mean nothing.
+    """
+    seeds = BLACK_SEEDS[:2] if quick else BLACK_SEEDS
+    sampling = SamplingOptions(steps=4, cfg_scale=SAMPLING.cfg_scale) if quick else SAMPLING
+    checks = ["black", "schedules"] if quick else ["black", "coherence", "schedules", "progressive"]
     out = Path(out)
     model, data, work = out / "model", out / "data", out / "work"
     timings: dict[str, float] = {}
@@ -94,10 +102,10 @@ def run(out: Path, *, n_images: int = DEMO_IMAGES, seed: int = 0, train_steps: i
         stage(f"train {objective}", lambda: loop.run(cfg))
         g = load_generator(run_dir, device="cpu", dtype="fp32")
         black[objective] = stage(f"black image {objective}",
-                                 lambda: black_image_metrics(g, seeds=BLACK_SEEDS, options=SAMPLING))  # fmt: skip
+                                 lambda: black_image_metrics(g, seeds=seeds, options=sampling))  # fmt: skip
     stage("evaluate v_ztsnr", lambda: report.run(EvaluateConfig(
-        checkpoint=out / "runs" / "v_ztsnr", out=out / "report", steps=SAMPLING.steps, cfg_scale=SAMPLING.cfg_scale,
-        seeds=BLACK_SEEDS[:4], coherence_seeds=[0, 1], density_samples=20_000, device="cpu", dtype="fp32")))  # fmt: skip
+        checkpoint=out / "runs" / "v_ztsnr", out=out / "report", steps=sampling.steps, cfg_scale=sampling.cfg_scale,
+        seeds=seeds[:4], coherence_seeds=[0, 1], density_samples=20_000, device="cpu", dtype="fp32", checks=checks)))  # fmt: skip
     console.table("black-image test (brightness in [0, 1]; target black 0, white 1)", black_table(black),
                   ("model", "asked black", "asked white", "separation"))  # fmt: skip
     console.table("sdxl demo", [(k, f"{v:.1f} s") for k, v in timings.items()], ("stage", "time"))
