@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from sdxl_trainer.config.base import Precision, Section
+from sdxl_trainer.config.prep import CaptionVariantsConfig
 
 
 # One section per component (torchtitan style); the trainer turns each into callables once, at
@@ -101,12 +102,27 @@ class CheckpointSection(Section):
     diffusers: bool = Field(True, description="a StableDiffusionXLPipeline folder in each checkpoint")
     single_file: bool = Field(True, description="an original-layout .safetensors (ComfyUI, A1111)")
     dtype: Precision = Field("fp16", description="dtype of the exported weights (training state stays fp32)")
+    export_ema: bool = Field(True, description="with EMA on, export the EMA weights (resume state keeps the raw ones)")
 
     @model_validator(mode="after")
     def _one_cadence(self) -> "CheckpointSection":
         if self.every_steps is not None and self.every_samples is not None:
             raise ValueError("give checkpoints.every_steps or checkpoints.every_samples, not both")
         return self
+
+
+class TextSection(Section):
+    """Where the text conditioning comes from: the cache, or the text encoders run every step."""
+
+    mode: Literal["cached", "on_the_fly"] = Field(
+        "cached", description="cached: the cache's embeddings | on_the_fly: encode a fresh prompt variant per step"
+    )
+    train_encoders: bool = Field(False, description="train both text encoders (on_the_fly; needs optimizer.text_encoder_lr)")
+    max_chunks: int = Field(3, ge=1, description="on_the_fly: at most this many 75-token chunks per prompt")
+    variants: CaptionVariantsConfig = Field(
+        default_factory=CaptionVariantsConfig,
+        description="on_the_fly: tag shuffle / dropout / keep-first-K per step (count and seed are not used)",
+    )
 
 
 class ValidationSection(Section):
@@ -160,6 +176,7 @@ class TrainConfig(Section):
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     data: TrainDataSection = Field(default_factory=TrainDataSection)
     checkpoints: CheckpointSection = Field(default_factory=CheckpointSection)
+    text: TextSection = Field(default_factory=TextSection)
     validation: ValidationSection = Field(default_factory=ValidationSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
@@ -176,4 +193,10 @@ class TrainConfig(Section):
             raise ValueError(
                 "validation.every_steps needs a held-out split: set validation.holdout_fraction or holdout_count"
             )
+        if self.text.train_encoders and self.text.mode != "on_the_fly":
+            raise ValueError("text.train_encoders needs text.mode: on_the_fly (cached embeddings cannot train)")
+        if self.text.train_encoders and self.optimizer.text_encoder_lr is None:
+            raise ValueError("text.train_encoders needs optimizer.text_encoder_lr (often 2–10× below the UNet's)")
+        if self.text.train_encoders and self.lora.enabled:
+            raise ValueError("text.train_encoders with lora.enabled is not supported yet: train the full UNet")
         return self

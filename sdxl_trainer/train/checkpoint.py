@@ -3,11 +3,15 @@
 Layout of ``RUN/checkpoints/step-NNNNNN/`` (written atomically by :mod:`checkpoint_dir`):
 
 - ``trainable.safetensors`` — the trained weights in fp32 (LoRA: the adapter's tensors only);
+- ``text_encoders.safetensors`` — with ``text.train_encoders``: both encoders' weights in fp32;
 - ``state.safetensors`` + ``state.json`` — counters, optimiser, LR schedule, data position, EMA
   shadows, fp16 loss scale and the run config (no pickle anywhere);
 - full finetune: ``diffusers/`` (StableDiffusionXLPipeline folder, scheduler matching the objective,
   latent normalisation in the VAE config) and ``model.safetensors`` (original layout, ComfyUI/A1111);
 - LoRA: ``lora/`` (diffusers/PEFT) and ``lora_kohya.safetensors``.
+
+With EMA on (and ``checkpoints.export_ema``), the exported formats carry the EMA weights — what
+users sample from — while ``trainable.safetensors`` keeps the raw ones, which resume needs.
 
 Randomness needs no saved state: every update reseeds from (seed, step) (see loop.reseed).
 """
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import contextlib
 
 import torch
 
@@ -35,7 +41,7 @@ from sdxl_trainer.train.checkpoint_dir import (
 )
 
 # Changing these between a checkpoint and its resume changes what the run *is*; --force accepts it.
-RESUME_FIXED = ("batch_size", "gradient_accumulation_steps", "objective", "lora", "latents")
+RESUME_FIXED = ("batch_size", "gradient_accumulation_steps", "objective", "lora", "latents", "text")
 
 
 def trainable_state(unet: torch.nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -64,6 +70,8 @@ def save_checkpoint(cfg: TrainConfig, parts: dict[str, Any], *, exports: dict[st
     def write(folder: Path) -> None:
         weights = {k: v.contiguous() for k, v in trainable_state(unet, cfg).items()}
         save_tensors(folder / "trainable.safetensors", weights)
+        if parts.get("text") is not None and parts["text"].train:
+            save_tensors(folder / "text_encoders.safetensors", parts["text"].state())
         save_state(folder, "state", {
             "train": state.state_dict(), "optimizer": parts["optimizer"].state_dict(),
             "schedule": parts["schedule"].state_dict(), "data": parts["loader"].state_dict(),
@@ -71,7 +79,7 @@ def save_checkpoint(cfg: TrainConfig, parts: dict[str, Any], *, exports: dict[st
             "scaler": None if parts["step"].scaler is None else parts["step"].scaler.state_dict(),
             "config": cfg.model_dump(mode="json"),
         })  # fmt: skip
-        export_model(folder, cfg, unet, exports)
+        export_model(folder, cfg, unet, exports, ema=parts["ema"])
 
     folder = write_checkpoint(Path(cfg.out), f"step-{state.step:06d}", write)
     if cfg.checkpoints.keep_last:
@@ -79,18 +87,33 @@ def save_checkpoint(cfg: TrainConfig, parts: dict[str, Any], *, exports: dict[st
     return folder
 
 
-def export_model(folder: Path, cfg: TrainConfig, unet: torch.nn.Module, exports: dict[str, Any]) -> None:
-    """LoRA: diffusers/PEFT and kohya files. Full finetune: a diffusers folder and one single file."""
-    ck, unet = cfg.checkpoints, unwrap_model(unet)
+def export_model(folder: Path, cfg: TrainConfig, unet: torch.nn.Module, exports: dict[str, Any], *,
+                 ema: Any = None) -> None:  # fmt: skip
+    """LoRA: diffusers/PEFT and kohya files. Full finetune: a diffusers folder and one single file.
+
+    With ``ema`` (and checkpoints.export_ema) the EMA weights are swapped in for the export and the
+    trained ones put back bit for bit afterwards.
+    """
+    unet = unwrap_model(unet)
+    use_ema = ema is not None and cfg.checkpoints.export_ema
+    with ema.swapped_into(unet) if use_ema else contextlib.nullcontext():
+        _export(folder, cfg, unet, exports)
+
+
+def _export(folder: Path, cfg: TrainConfig, unet: torch.nn.Module, exports: dict[str, Any]) -> None:
+    ck = cfg.checkpoints
     if cfg.lora.enabled:
         save_lora_diffusers(folder / "lora", unet, dtype=ck.dtype)
         save_lora_kohya(folder / "lora_kohya.safetensors", unet, dtype=ck.dtype)
         return
     if not (ck.diffusers or ck.single_file):
         return
-    if "vae" not in exports:  # the frozen parts, loaded on the writing rank the first time they are needed
-        exports.update(vae=load_vae(cfg.model), tokenizers=load_tokenizers(cfg.model),
-                       text_encoders=load_text_encoders(cfg.model))  # fmt: skip
+    # the frozen parts, loaded on the writing rank the first time they are needed (on-the-fly text
+    # mode has put its own, maybe trained, encoders and tokenizers there already)
+    if "vae" not in exports:
+        exports["vae"] = load_vae(cfg.model)
+    if "text_encoders" not in exports:
+        exports.update(tokenizers=load_tokenizers(cfg.model), text_encoders=load_text_encoders(cfg.model))
     te1, te2 = exports["text_encoders"]
     norm = exports.get("latents", {})
     if ck.diffusers:
@@ -123,6 +146,11 @@ def resume(cfg: TrainConfig, parts: dict[str, Any]) -> Path:
     check_resume_config(state["config"], cfg)
     strict = not cfg.force
     load_trainable_state(parts["unet"], cfg, load_tensors(folder / "trainable.safetensors"))
+    if parts.get("text") is not None and parts["text"].train:
+        if not (folder / "text_encoders.safetensors").is_file():
+            raise UserError("the checkpoint has no trained text encoders", where=str(folder),
+                            fix="resume with text.train_encoders as the checkpoint was trained")  # fmt: skip
+        parts["text"].load_state(load_tensors(folder / "text_encoders.safetensors"))
     parts["optimizer"].load_state_dict(state["optimizer"])
     parts["schedule"].load_state_dict(state["schedule"], strict=strict)
     parts["loader"].load_state_dict(state["data"], strict=strict)

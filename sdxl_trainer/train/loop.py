@@ -36,6 +36,7 @@ from sdxl_trainer.train.lr_schedule import LRSchedule
 from sdxl_trainer.train.optim import build_optimizer, param_groups
 from sdxl_trainer.train.state import TrainState
 from sdxl_trainer.train.step import StepResult, TrainStep, build_latent_norm, build_train_step, validation_levels
+from sdxl_trainer.train.text_mode import TextMode, build_text_mode
 
 
 
@@ -78,7 +79,7 @@ def vae_scaling_factor(model_dir: Path) -> float:
     return float(json.loads((part_dir(model_dir, "vae") / "config.json").read_text())["scaling_factor"])
 
 
-def make_step(cfg: TrainConfig, device: torch.device, info: dist.DistInfo) -> TrainStep:
+def make_step(cfg: TrainConfig, device: torch.device, info: dist.DistInfo, *, text: TextMode | None = None) -> TrainStep:
     o, lo = cfg.objective, cfg.loss
     norm = build_latent_norm(
         cfg.latents.normalization,
@@ -93,7 +94,7 @@ def make_step(cfg: TrainConfig, device: torch.device, info: dist.DistInfo) -> Tr
         grad_accum=cfg.gradient_accumulation_steps, max_grad_norm=cfg.optimizer.max_grad_norm, normalize=norm,
         weighting=lo.weighting, gamma=lo.gamma, min_snr_form=lo.min_snr_form, use_tag_weights=lo.tag_weights,
         offset_noise=lo.offset_noise, input_perturbation=lo.input_perturbation, level_options=levels,
-        world_size=info.world_size, rank=info.rank,
+        world_size=info.world_size, rank=info.rank, text=text,
     )  # fmt: skip
 
 
@@ -142,6 +143,8 @@ def validate(step: TrainStep, unet: torch.nn.Module, loader: CacheLoader, *, lev
     unet.eval()  # no dropout: the number depends on the weights only
     for batch in loader:
         generator.manual_seed(seed * 1_000_003 + int(batch["step"]))  # batch["step"]: its index in the split
+        if step.text is not None:
+            step.text.set_fixed_prompts(batch)
         sums += step.validation_losses(unet, batch, levels=levels, generator=generator)
         count += batch["latents"].shape[0]
     unet.train(was_training)
@@ -301,10 +304,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg, device)
     model = wrap_model(unet, cfg, info, device)
+    text = build_text_mode(cfg, device, rank=info.rank, world_size=info.world_size)  # None: cached embeddings
 
     # 4. optimiser, schedule (in samples), EMA of the trainable weights
     opt = cfg.optimizer
-    groups = param_groups(unet=unet, lr=opt.learning_rate, weight_decay=opt.weight_decay)
+    groups = param_groups(unet=unet, lr=opt.learning_rate, weight_decay=opt.weight_decay,
+                          text_encoders=text.trained_modules() if text else (), text_encoder_lr=opt.text_encoder_lr)
     optimizer = build_optimizer(groups, name=opt.name, lr=opt.learning_rate, weight_decay=opt.weight_decay,
                                 betas=opt.betas, eps=opt.eps)  # fmt: skip
     schedule = LRSchedule(optimizer, kind=cfg.schedule.kind, warmup_samples=cfg.schedule.warmup_samples,
@@ -314,11 +319,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
               device="cpu" if e.device == "cpu" else None) if e.enabled else None  # fmt: skip
 
     # 5. the step: every option turned into callables once
-    step = make_step(cfg, device, info)
+    step = make_step(cfg, device, info, text=text)
     generator = torch.Generator(device)
     state = TrainState()
-    parts = dict(unet=model, optimizer=optimizer, schedule=schedule, loader=loader, ema=ema, step=step, state=state)
+    parts = dict(unet=model, optimizer=optimizer, schedule=schedule, loader=loader, ema=ema, step=step, state=state,
+                 text=text)  # fmt: skip
     exports: dict[str, Any] = {}
+    if text is not None:  # the loaded (maybe trained) encoders are the ones exported
+        exports.update(tokenizers=text.tokenizers, text_encoders=text.encoders)
     if cfg.latents.normalization == "per_channel":  # exported so that pipelines decode with the same stats
         exports["latents"] = {"latents_mean": step.normalize.shift.tolist(),
                               "latents_std": (1.0 / step.normalize.scale).tolist()}  # fmt: skip
@@ -344,6 +352,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             while state.step < n_updates:
                 micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
                 reseed(generator, seed=cfg.seed, rank=info.rank, step=state.step)  # resume-exact randomness
+                if text is not None:  # a fresh prompt variant per sample, a function of (seed, step)
+                    text.set_prompts(micro, seed=cfg.seed, step=state.step)
                 samples_before = state.samples_seen
                 schedule.step(state.samples_seen + global_batch)  # the rate of an update includes its batch
                 result = step.update(model, micro, optimizer=optimizer, generator=generator, state=state,

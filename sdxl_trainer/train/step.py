@@ -132,6 +132,24 @@ class TrainStep:
     world_size: int
     rank: int
     scaler: Any  # torch.amp.GradScaler for fp16, else None; its state_dict belongs in the checkpoint
+    text: Any = None  # train.text_mode.TextMode: encode batch["prompts"] each step instead of the cached text
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)  # fmt: skip
+
+    def conditioning(self, b: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, pooled) in fp32: the cached embeddings, or the prompts encoded now (on-the-fly mode).
+
+        fp32 because autocast casts for the matmuls; fp32 keeps the fp32 path exact.
+        """
+        if self.text is None:
+            return b["text_hidden"].float(), b["text_pooled"].float()
+        if "prompts" not in b:
+            raise ValueError("on-the-fly text mode needs batch['prompts'] (TextMode.set_prompts)")
+        with self.autocast():
+            hidden, pooled = self.text.encode(b["prompts"])
+        return hidden.float(), pooled.float()
 
     def to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The batch's tensors on the training device (non-blocking from pinned memory)."""
@@ -159,12 +177,10 @@ class TrainStep:
         level, noise, input_noise = self.draw(x0, generator=generator)
         noisy, timestep, target, info = make_training_inputs(x0, noise, level, objective=self.objective,
                                                              input_noise=input_noise)  # fmt: skip
-        cond_dtype = torch.float32  # autocast casts for the matmuls; fp32 keeps the fp32 path exact
-        added = {"text_embeds": b["text_pooled"].to(cond_dtype), "time_ids": b["time_ids"].to(cond_dtype)}
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):  # fmt: skip
-            output = unet(noisy, timestep, encoder_hidden_states=b["text_hidden"].to(cond_dtype),
-                          added_cond_kwargs=added, return_dict=False)[0]  # fmt: skip
+        hidden, pooled = self.conditioning(b)
+        added = {"text_embeds": pooled, "time_ids": b["time_ids"].float()}
+        with self.autocast():
+            output = unet(noisy, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
         external = b["tag_weight"] if self.use_tag_weights else None
         return weighted_mse(output, target, self.loss_weight(info, external=external))
 
@@ -179,15 +195,15 @@ class TrainStep:
         b = self.to_device(batch)
         x0 = self.normalize(b["latents"])
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
-        added = {"text_embeds": b["text_pooled"].float(), "time_ids": b["time_ids"].float()}
+        hidden, pooled = self.conditioning(b)
+        added = {"text_embeds": pooled, "time_ids": b["time_ids"].float()}
         sums = []
         for i in range(levels.numel()):
             level = levels[i].expand(x0.shape[0])
             noisy, timestep, target, _ = make_training_inputs(x0, noise, level, objective=self.objective)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):  # fmt: skip
-                output = unet(noisy, timestep, encoder_hidden_states=b["text_hidden"].float(),
-                              added_cond_kwargs=added, return_dict=False)[0]  # fmt: skip
+            with self.autocast():
+                output = unet(noisy, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added,
+                              return_dict=False)[0]  # fmt: skip
             sums.append((output.float() - target).pow(2).flatten(1).mean(1).sum())
         return torch.stack(sums)
 
@@ -210,6 +226,8 @@ class TrainStep:
         if len(micro_batches) != self.grad_accum:
             raise ValueError(f"expected {self.grad_accum} micro-batches, got {len(micro_batches)}")
         params = [p for p in model.parameters() if p.requires_grad]
+        if self.text is not None:  # trained text encoders: clipped together with the UNet
+            params += self.text.trained_parameters()
         total = torch.zeros((), device=self.device)
         samples = 0
         for i, batch in enumerate(micro_batches):
@@ -279,12 +297,14 @@ def build_train_step(
     level_options: Mapping[str, Any] | None = None,
     world_size: int = 1,
     rank: int = 0,
+    text: Any = None,
 ) -> TrainStep:
     """Check every option once and fix the step's callables.
 
     objective: "eps" | "v" | "v_ztsnr" | "flow" (or a built Objective); precision: "fp32" | "bf16" |
     "fp16" (autocast; the weights stay fp32, fp16 adds a GradScaler); level_options: keyword
-    arguments of `build_level_sampler` (t_min, t_max, terminal_oversample, shift, logit_std).
+    arguments of `build_level_sampler` (t_min, t_max, terminal_oversample, shift, logit_std); text:
+    a train.text_mode.TextMode for on-the-fly text (None: the batch's cached embeddings).
     """
     device = torch.device(device)
     if precision not in PRECISIONS:
@@ -307,4 +327,4 @@ def build_train_step(
     return TrainStep(objective=obj, sample_level=sample_level, sample_noise=sample_noise, loss_weight=loss_weight,
                      normalize=normalize.to(device), device=device, autocast_dtype=dtype, grad_accum=grad_accum,
                      max_grad_norm=max_grad_norm, use_tag_weights=use_tag_weights, world_size=world_size, rank=rank,
-                     scaler=scaler)  # fmt: skip
+                     scaler=scaler, text=text)  # fmt: skip
