@@ -336,6 +336,7 @@ def main() -> None:
         if "on" in args.compile:
             print("dry run: compile off (inductor on the CPU takes minutes and measures nothing here)")
         args.resolution, args.warmup, args.steps, args.compile = tiny.TINY_RESOLUTION, 1, 2, "off"
+        torch.set_num_threads(1)  # a tiny model gains nothing from more, and OpenMP teams thrash on busy cores
         small = tiny.unet_config()
         doc["tiny_flops_per_sample"] = flops_by_kind(small, resolution=args.resolution, chunks=args.chunks)
         doc["runs"] = run_all(small, device=torch.device("cpu"), flops=doc["tiny_flops_per_sample"], peak=None, args=args)
