@@ -22,11 +22,15 @@ install: $(BIN)/python
 demo: install
 	$(BIN)/sdxl demo --out $(DEMO_DIR)
 
+# One intra-op thread per process: the tests' tiny models gain nothing from more, and two OpenMP
+# threads fighting reader threads and subprocesses for two cores slow them down many times over.
+TEST_ENV := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(TEST_ENV) $(BIN)/python -m pytest -q
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/scan.py
