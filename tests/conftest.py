@@ -6,12 +6,20 @@ Both folders are shared by every test that asks for them: treat them as read-onl
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+# One intra-op thread, set before torch is imported so subprocesses (torchrun, SIGKILL tests) inherit
+# it too and compute bitwise like this process: the tiny models gain nothing from more, and on a
+# shared 2-core machine two OpenMP threads per process thrash. `make test` sets the same.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from sdxl_trainer.models.tiny import build_tiny_model
-from sdxl_trainer.prep.synthetic import build_synthetic_dataset
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from sdxl_trainer.models.loading import load_pipeline_parts  # noqa: E402
+from sdxl_trainer.models.tiny import build_tiny_model  # noqa: E402
+from sdxl_trainer.prep.synthetic import build_synthetic_dataset  # noqa: E402
 
 SYNTHETIC_N = 64  # images in the shared dataset (20% solid black, 20% solid white; seed 0)
 
@@ -45,3 +53,9 @@ def tiny_work(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, sy
     cache.run(demo_cache_config(work, tiny_model_dir))
     weights.run(WeightsConfig(work=work, min_count=2))
     return work
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model_dir: Path):
+    """Every part of the tiny model, loaded fresh for each test module (modules may change them)."""
+    return load_pipeline_parts(tiny_model_dir)

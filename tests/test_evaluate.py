@@ -33,14 +33,6 @@ from sdxl_trainer.models.loading import load_pipeline_parts
 SIDE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and on a shared 2-core machine oversubscription costs 100×."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def ckpts(tiny_model_dir, tmp_path_factory):

@@ -19,7 +19,6 @@ from sdxl_trainer.evaluate.checkpoint import decode_latents, load_generator
 from sdxl_trainer.evaluate.generate import SamplingOptions, sample_latents, sampling_sigmas
 from sdxl_trainer.evaluate.source import resolve_checkpoint
 from sdxl_trainer.models.export import save_diffusers_pipeline, save_single_file
-from sdxl_trainer.models.loading import load_pipeline_parts
 from sdxl_trainer.models.lora import add_lora, merged_unet, save_lora_diffusers, save_lora_kohya
 from sdxl_trainer.train.checkpoint_dir import write_checkpoint
 
@@ -28,18 +27,6 @@ FAST = SamplingOptions(steps=3, cfg_scale=3.0)
 MEAN, STD = [0.5, -0.2, 0.1, 0.3], [2.0, 3.0, 0.5, 1.5]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and on a shared 2-core machine oversubscription costs 100×."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_model_dir):
-    return load_pipeline_parts(tiny_model_dir)
 
 
 def _modules(parts, **extra):

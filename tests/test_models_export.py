@@ -10,21 +10,9 @@ import torch
 
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.models.export import read_export_info, save_diffusers_pipeline, scheduler_for
-from sdxl_trainer.models.loading import load_clip_tokenizer, load_pipeline_parts, quiet_hf, read_part_config
+from sdxl_trainer.models.loading import load_clip_tokenizer, quiet_hf, read_part_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and on a shared 2-core machine oversubscription costs 100×."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_model_dir):
-    return load_pipeline_parts(tiny_model_dir)
 
 
 def _save(parts, out_dir, **kw):

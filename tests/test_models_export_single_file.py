@@ -8,23 +8,11 @@ from safetensors import safe_open
 
 from sdxl_trainer.models import export_ldm
 from sdxl_trainer.models.export import ldm_state_dict, save_single_file
-from sdxl_trainer.models.loading import build_sdxl_part, load_pipeline_parts, quiet_hf
+from sdxl_trainer.models.loading import build_sdxl_part, quiet_hf
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and on a shared 2-core machine oversubscription costs 100×."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_model_dir):
-    return load_pipeline_parts(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,6 @@ from sdxl_trainer.models.lora import (
 RANK, ALPHA = 4, 2.0  # alpha ≠ rank, so a loader that drops alpha gets a different answer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and on a shared 2-core machine oversubscription costs 100×."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _randomise(unet, seed=1):
     """Non-zero A and B (the gaussian init leaves B = 0, which would make every format look right)."""
