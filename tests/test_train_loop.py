@@ -260,3 +260,14 @@ def test_resume_config_check():
     with pytest.raises(UserError, match="lora"):
         check_resume_config(saved, cfg(**{"lora.enabled": True}))
     check_resume_config(saved, cfg(force=True, **{"objective.name": "flow"}))
+
+
+def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_the_adapter_in_fp32(tiny_model_dir, work, tmp_path):
+    cfg = _cfg(tiny_model_dir, work, tmp_path / "run", precision="bf16", **{"lora.enabled": True, "lora.rank": 4})
+    unet = loop.build_unet(cfg, torch.device("cpu"))
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    frozen = [p for p in unet.parameters() if not p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    full = loop.build_unet(_cfg(tiny_model_dir, work, tmp_path / "full", precision="bf16"), torch.device("cpu"))
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in full.parameters())

@@ -44,11 +44,19 @@ from sdxl_trainer.train.text_mode import TextMode, build_text_mode
 
 
 def build_unet(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """The fp32 master UNet: all of it trainable, or only a LoRA adapter on frozen weights."""
-    unet = load_unet(cfg.model, dtype=torch.float32, device=device)
+    """The UNet: all of it trainable in fp32, or a fp32 LoRA adapter on frozen weights.
+
+    A LoRA's frozen base never receives updates, so under bf16/fp16 autocast it is kept in that
+    precision (SDXL: 5.1 GB instead of 10.3 GB), while the adapter stays fp32 (its master weights).
+    """
+    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+    unet = load_unet(cfg.model, dtype=frozen_dtype if cfg.lora.enabled else torch.float32, device=device)
     if cfg.lora.enabled:
         add_lora(unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                  target_modules=cfg.lora.target_modules)  # fmt: skip
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     else:
         unet.requires_grad_(True)
     if cfg.attention == "eager":  # diffusers' classic processor: for comparison, or where SDPA misbehaves
