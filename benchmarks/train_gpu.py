@@ -170,7 +170,10 @@ def static_memory_gb(config: dict, *, lora_rank: int | None, optimizer: str) -> 
         state = 4 * sum(p.shape[:-1].numel() + p.shape[:-2].numel() * p.shape[-1] if p.ndim >= 2 else p.numel()
                         for p in trainable)  # fmt: skip
     gb = 1e-9
-    return {"weights": 4 * sum(p.numel() for p in params) * gb, "gradients": 4 * n_train * gb,
+    # loop.build_unet keeps a LoRA's frozen base in the bf16 autocast precision, the adapter in fp32
+    frozen_bytes = 2 if lora_rank is not None else 4
+    weights = 4 * n_train + frozen_bytes * (sum(p.numel() for p in params) - n_train)
+    return {"weights": weights * gb, "gradients": 4 * n_train * gb,
             "optimizer_state": state * gb, "trainable_params_m": n_train / 1e6}  # fmt: skip
 
 
