@@ -26,8 +26,12 @@ SYNTHETIC_N = 64  # images in the shared dataset (20% solid black, 20% solid whi
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A diffusers SDXL folder of the tiny demo model (seed 0): StableDiffusionXLPipeline loads it."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+    """A diffusers SDXL folder of the tiny demo model (seed 0): StableDiffusionXLPipeline loads it.
+
+    Its VAE is left random (``fit_vae=False``): the fit takes about a minute and no test here needs
+    a VAE that reconstructs; tests/test_vae_fit.py covers the fit, the slow demo test the real kit.
+    """
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0, fit_vae=False)
 
 
 @pytest.fixture(scope="session")
