@@ -54,7 +54,7 @@ from sdxl_trainer.diffusion import build_level_sampler, build_objective, make_tr
 from sdxl_trainer.models.loading import load_unet  # noqa: E402
 from sdxl_trainer.models.tiny import build_tiny_model  # noqa: E402
 from sdxl_trainer.prep import cache, scan, stats  # noqa: E402
-from sdxl_trainer.prep.synthetic import build_synthetic_dataset  # noqa: E402
+from sdxl_trainer.synthetic import build_synthetic_dataset  # noqa: E402
 from sdxl_trainer.train import loop  # noqa: E402
 from sdxl_trainer.train.data import CacheDataset, CacheLoader  # noqa: E402
 from sdxl_trainer.train.optim import param_groups  # noqa: E402

@@ -27,7 +27,7 @@ from sdxl_trainer.evaluate.checkpoint import load_generator
 from sdxl_trainer.evaluate.generate import SamplingOptions
 from sdxl_trainer.models.tiny import DEMO_BUCKETS, build_tiny_model
 from sdxl_trainer.prep import cache, scan, stats, weights
-from sdxl_trainer.prep.synthetic import build_synthetic_dataset
+from sdxl_trainer.synthetic import build_synthetic_dataset
 from sdxl_trainer.train import loop
 
 DEMO_IMAGES = 300

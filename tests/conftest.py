@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 
 from sdxl_trainer.models.loading import load_pipeline_parts  # noqa: E402
 from sdxl_trainer.models.tiny import build_tiny_model  # noqa: E402
-from sdxl_trainer.prep.synthetic import build_synthetic_dataset  # noqa: E402
+from sdxl_trainer.synthetic import build_synthetic_dataset  # noqa: E402
 
 SYNTHETIC_N = 64  # images in the shared dataset (20% solid black, 20% solid white; seed 0)
 

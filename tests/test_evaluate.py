@@ -192,7 +192,7 @@ def trained_runs(tiny_model_dir, tmp_path_factory):
     from sdxl_trainer.config import StatsConfig, TrainConfig, load_config
     from sdxl_trainer.demo import demo_cache_config, demo_scan_config
     from sdxl_trainer.prep import cache, scan, stats
-    from sdxl_trainer.prep.synthetic import build_synthetic_dataset
+    from sdxl_trainer.synthetic import build_synthetic_dataset
     from sdxl_trainer.train import loop
 
     root = tmp_path_factory.mktemp("trained")

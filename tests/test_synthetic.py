@@ -8,8 +8,8 @@ from PIL import Image
 
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.models.loading import load_tokenizers
-from sdxl_trainer.prep import synthetic
-from sdxl_trainer.prep.synthetic import PALETTE, build_synthetic_dataset, synthetic_items
+from sdxl_trainer import synthetic
+from sdxl_trainer.synthetic import PALETTE, build_synthetic_dataset, synthetic_items
 
 
 def _files(folder):

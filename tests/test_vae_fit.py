@@ -9,7 +9,7 @@ from PIL import Image
 
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.models import tiny, vae_fit
-from sdxl_trainer.prep.synthetic import render, synthetic_items
+from sdxl_trainer.synthetic import render, synthetic_items
 
 SHORT = vae_fit.FitSettings(steps=6, batch_size=4, crop=16, num_threads=1)
 

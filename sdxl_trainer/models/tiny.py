@@ -96,7 +96,7 @@ def vae_fit_images(*, seed: int, n: int = VAE_FIT_IMAGES):
     Black and white are 40% of the synthetic set but are learned in the first few dozen steps; the
     fit's steps go further on colours and edges when they are rarer.
     """
-    from sdxl_trainer.prep.synthetic import render, synthetic_items  # demo data; see docs/models.md
+    from sdxl_trainer.synthetic import render, synthetic_items
 
     items = synthetic_items(n, seed=seed)
     bw = [i for i, it in enumerate(items) if it.shape is None and it.background in ("black", "white")]

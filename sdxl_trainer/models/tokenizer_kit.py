@@ -27,7 +27,7 @@ BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 EOW = "</w>"
 
-# Every word the synthetic captions (sdxl_trainer.prep.synthetic) use, plus common prompt words, so a
+# Every word the synthetic captions (sdxl_trainer.synthetic) use, plus common prompt words, so a
 # demo prompt is as short in tokens as it is in words. A test checks the captions stay covered.
 DEMO_WORDS: tuple[str, ...] = tuple(
     """
