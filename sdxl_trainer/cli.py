@@ -191,8 +191,8 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for the tiny model, data and outputs."),
     images: int = typer.Option(300, help="Synthetic images to generate."),
     seed: int = typer.Option(0, help="Seed for the model weights and the data."),
-    train_steps: int = typer.Option(600, help="Updates per trained model (three are trained)."),
-    quick: bool = typer.Option(False, "--quick", help="Smoke-test sizes for the sampling checks (for CI)."),
+    train_steps: int = typer.Option(600, help="Updates per trained model (four are trained)."),
+    quick: bool = typer.Option(False, "--quick", help="Smoke test for CI: random VAE, tiny sampling; the numbers mean nothing."),
 ) -> None:
     """Run every stage on synthetic data and a tiny SDXL model (offline, CPU, minutes)."""
     from sdxl_trainer import demo as stage
