@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from sdxl_trainer.prep.images import WorkersUnavailable, probe_all, probe_chunk, worker_count
+from sdxl_trainer.prep.images import probe_chunk
+from sdxl_trainer.prep.pool import WorkersUnavailable, probe_all, worker_count
 
 CRASH = "crash-me"
 

@@ -32,14 +32,8 @@ from sdxl_trainer.prep.captions import (
     parse_tag_list,
     read_sidecar,
 )
-from sdxl_trainer.prep.images import (
-    IMAGE_EXTENSIONS,
-    WorkersUnavailable,
-    content_id,
-    probe_all,
-    probe_flags,
-    worker_count,
-)
+from sdxl_trainer.prep.images import IMAGE_EXTENSIONS, content_id, probe_flags
+from sdxl_trainer.prep.pool import WorkersUnavailable, probe_all, worker_count
 from sdxl_trainer.schema import MANIFEST_SCHEMA, TAGS_SCHEMA, read_table, write_json, write_table
 
 PRODUCED_BY = "sdxl prep scan"
