@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing the pack
 from sdxl_trainer.cache_format import SDXL_DIMS, CacheRow, CacheWriter, Shard, finalise  # noqa: E402
 from sdxl_trainer.console import table  # noqa: E402
 from sdxl_trainer.schema import TAG_WEIGHTS_SCHEMA, write_table  # noqa: E402
+from sdxl_trainer.train.loader import CacheLoader  # noqa: E402
 from sdxl_trainer.train.data import (  # noqa: E402
     CacheDataset,
-    CacheLoader,
     _columns,
     _row_views,
     sample_choices,

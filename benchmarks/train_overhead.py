@@ -56,7 +56,8 @@ from sdxl_trainer.models.tiny import build_tiny_model  # noqa: E402
 from sdxl_trainer.prep import cache, scan, stats  # noqa: E402
 from sdxl_trainer.synthetic import build_synthetic_dataset  # noqa: E402
 from sdxl_trainer.train import loop  # noqa: E402
-from sdxl_trainer.train.data import CacheDataset, CacheLoader  # noqa: E402
+from sdxl_trainer.train.data import CacheDataset  # noqa: E402
+from sdxl_trainer.train.loader import CacheLoader  # noqa: E402
 from sdxl_trainer.train.optim import param_groups  # noqa: E402
 
 TARGET = 0.10  # GUIDE.md: the trainer at most 10 % slower than the bare loop

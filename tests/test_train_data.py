@@ -18,7 +18,8 @@ import torch
 from sdxl_trainer.cache_format import CacheDims, CacheRow, CacheWriter, Group, finalise
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.schema import TAG_WEIGHTS_SCHEMA, write_table
-from sdxl_trainer.train.data import CacheDataset, CacheLoader, uncond_text
+from sdxl_trainer.train.data import CacheDataset, uncond_text
+from sdxl_trainer.train.loader import CacheLoader
 from sdxl_trainer.train.sampler import BatchSpec, BucketBatchSampler, holdout_hash
 
 DIMS = CacheDims(latent_channels=4, text_dim=16, pooled_dim=8, variants=3)

@@ -30,7 +30,8 @@ from sdxl_trainer.models.loading import load_unet, part_dir
 from sdxl_trainer.models.lora import add_lora
 from sdxl_trainer.train.checkpoint import resume, save_checkpoint
 from sdxl_trainer.train.checkpoint_dir import prepare_checkpoints, read_latest
-from sdxl_trainer.train.data import CacheDataset, CacheLoader
+from sdxl_trainer.train.data import CacheDataset
+from sdxl_trainer.train.loader import CacheLoader
 from sdxl_trainer.train.ema import EMA
 from sdxl_trainer.train.lr_schedule import LRSchedule
 from sdxl_trainer.train.optim import build_optimizer, param_groups
