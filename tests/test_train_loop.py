@@ -220,6 +220,38 @@ def test_missing_logging_package_is_a_clear_error(tiny_model_dir, work, tmp_path
     assert not (tmp_path / "run" / "checkpoints").exists()  # it stopped before training
 
 
+def test_wandb_gets_the_config_every_logged_step_and_a_finish(tiny_model_dir, work, tmp_path, monkeypatch):
+    """The W&B calls the loop makes, checked against a stand-in module (wandb is an optional extra,
+    not installed for the tests): init once with the run's config, log per record at its step, finish."""
+    import sys
+    import types
+
+    calls: dict[str, list] = {"init": [], "log": [], "finish": []}
+
+    class Run:
+        def log(self, data, step):
+            calls["log"].append((step, data))
+
+        def finish(self):
+            calls["finish"].append(True)
+
+    def init(**kwargs):
+        calls["init"].append(kwargs)
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    out = tmp_path / "run"
+    loop.run(_cfg(tiny_model_dir, work, out, num_steps=3, **{"logging.wandb": True, "logging.wandb_mode": "offline",
+                                                               "logging.wandb_project": "p", "logging.wandb_run_name": "r"}))  # fmt: skip
+    (init_kwargs,) = calls["init"]
+    assert init_kwargs["mode"] == "offline" and init_kwargs["project"] == "p" and init_kwargs["name"] == "r"
+    assert init_kwargs["dir"] == str(out) and init_kwargs["config"]["num_steps"] == 3
+    jsonl = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in calls["log"]] == [r["step"] for r in jsonl] and len(jsonl) >= 3
+    assert all(data["loss"] == pytest.approx(r["loss"]) for (_, data), r in zip(calls["log"], jsonl))
+    assert calls["finish"] == [True]
+
+
 def test_log_record_scalars():
     flat = loop.scalars({"step": 3, "loss": 0.5, "lr": {"unet/decay": 1e-4}, "val_loss_levels": [0.1, 0.2],
                          "epoch": 0, "note": "x"})  # fmt: skip
