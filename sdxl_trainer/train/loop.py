@@ -14,6 +14,7 @@ lr_schedule.py); this file wires them in the order a reader expects:
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import time
@@ -234,24 +235,25 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
+def _logging_package(name: str, module: str):
+    """Import the module behind ``logging.<name>``, or stop with what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"logging.{name} is on but the {name} package is not installed",
+                        fix=f"pip install {name}, or set logging.{name}: false") from None  # fmt: skip
+
+
 def open_sinks(cfg: TrainConfig, out: Path, *, main: bool) -> list[tuple[str, Any]]:
     """TensorBoard and W&B as configured, besides RUN/metrics.jsonl. Every rank checks the packages
     (so a missing one stops all ranks at once); only the main rank opens the writers."""
     sinks: list[tuple[str, Any]] = []
     if cfg.logging.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("logging.tensorboard is on but the tensorboard package is not installed",
-                            fix="pip install tensorboard, or set logging.tensorboard: false") from None  # fmt: skip
+        tensorboard = _logging_package("tensorboard", "torch.utils.tensorboard")
         if main:
-            sinks.append(("tensorboard", SummaryWriter(log_dir=str(out / "tensorboard"))))
+            sinks.append(("tensorboard", tensorboard.SummaryWriter(log_dir=str(out / "tensorboard"))))
     if cfg.logging.wandb:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("logging.wandb is on but the wandb package is not installed",
-                            fix="pip install wandb, or set logging.wandb: false") from None  # fmt: skip
+        wandb = _logging_package("wandb", "wandb")
         if main:
             run = wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run_name,
                              mode=cfg.logging.wandb_mode, dir=str(out), config=cfg.model_dump(mode="json"))  # fmt: skip
