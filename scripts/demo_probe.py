@@ -21,7 +21,7 @@ from PIL import Image
 
 from sdxl_trainer.evaluate.black import DEFAULT_PROMPTS
 from sdxl_trainer.evaluate.checkpoint import encode_text, load_generator, unet_kwargs
-from sdxl_trainer.evaluate.generate import _unet_fn
+from sdxl_trainer.evaluate.generate import unet_fn
 from sdxl_trainer.models.vae_fit import to_pixels
 
 DRAWS = 8
@@ -30,7 +30,7 @@ DRAWS = 8
 @torch.no_grad()
 def probe(run: Path) -> dict[str, float]:
     g = load_generator(run, device="cpu", dtype="fp32")
-    denoise = g.objective.denoiser(_unet_fn(g), dtype=g.dtype)
+    denoise = g.objective.denoiser(unet_fn(g), dtype=g.dtype)
     flow = g.objective.prediction == "flow"
     top = 1.0 if flow else float(g.objective.sigma_max)
     side = g.base_resolution

@@ -106,7 +106,8 @@ def check_size(generator: Generator, width: int, height: int) -> None:
                         fix=f"this model needs sides divisible by {m}")  # fmt: skip
 
 
-def _unet_fn(generator: Generator):
+def unet_fn(generator: Generator):
+    """The UNet as the diffusion core's denoisers call it: (x, t, **conditioning) → raw output."""
     unet = generator.unet
 
     def call(x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -128,7 +129,7 @@ def sample_latents(
                              flow_shift=options.flow_shift)  # fmt: skip
     (hidden, pooled), (neg_hidden, neg_pooled) = encode_text(g, [prompt], [negative], max_chunks=options.max_chunks)
     cond = unet_kwargs(hidden, pooled, height=height, width=width)
-    denoiser = g.objective.denoiser(_unet_fn(g), dtype=g.dtype)
+    denoiser = g.objective.denoiser(unet_fn(g), dtype=g.dtype)
     if options.cfg_scale == 1.0:  # no guidance: the negative would cancel out, skip its UNet call
         model, extra = denoiser, cond
     else:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from sdxl_trainer.models import tokenizer_kit, vae_fit
+from sdxl_trainer.synthetic import render, synthetic_items
 
 TINY_RESOLUTION = 128
 # A bucket set for the demo at TINY_RESOLUTION (the keys of sdxl_trainer.config.BucketConfig).
@@ -95,8 +96,6 @@ def vae_fit_images(*, seed: int, n: int = VAE_FIT_IMAGES):
     Black and white are 40% of the synthetic set but are learned in the first few dozen steps; the
     fit's steps go further on colours and edges when they are rarer.
     """
-    from sdxl_trainer.synthetic import render, synthetic_items
-
     items = synthetic_items(n, seed=seed)
     bw = [i for i, it in enumerate(items) if it.shape is None and it.background in ("black", "white")]
     drop = set(bw) - set(bw[::4])
