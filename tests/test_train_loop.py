@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -116,40 +117,130 @@ loop.run(load_config(TrainConfig, None, json.loads(sys.argv[1])))
 """
 
 
+# The DDP runner: plain SGD (an update proportional to the gradient, unlike AdamW's, which moves a
+# weight by about the learning rate whatever its gradient's size, so that rounding noise in a
+# near-zero gradient shows at the scale of the whole move), and a record per rank of the sample ids of
+# every micro-batch and of the first update's gradient as the optimiser receives it (all-reduced,
+# clipped). probe["drop_rank"] installs a DDP communication hook that drops that rank's gradient
+# from the average: the desynchronisation the test must catch.
+DDP_RUNNER = """
+import json, os, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from sdxl_trainer.config import TrainConfig, load_config
+from sdxl_trainer.train import loop
+from sdxl_trainer.train.step import TrainStep
+
+settings, probe = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+rank, out = int(os.environ.get("RANK", "0")), Path(probe["dir"])
+loop.build_optimizer = lambda groups, *, lr, **kw: torch.optim.SGD([dict(g) for g in groups], lr=lr)
+
+seen, real_update = [], TrainStep.update
+def update(self, model, micro, *, optimizer, **kw):
+    seen.append([list(b["ids"]) for b in micro])
+    if len(seen) == 1:
+        names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
+        def save(opt, args, kwargs):
+            grads = {names[id(p)]: p.grad.detach().clone() for g in opt.param_groups for p in g["params"]}
+            save_file(grads, str(out / f"grad-{rank}.safetensors"))
+            handle.remove()
+        handle = optimizer.register_step_pre_hook(save)
+    return real_update(self, model, micro, optimizer=optimizer, **kw)
+TrainStep.update = update
+
+if probe.get("drop_rank") is not None:
+    real_wrap = loop.wrap_model
+    def wrap(unet, cfg, info, device):
+        model = real_wrap(unet, cfg, info, device)
+        def drop(state, bucket):
+            buf = bucket.buffer()
+            if rank == probe["drop_rank"]:
+                buf.zero_()
+            buf.div_(info.world_size)
+            return torch.distributed.all_reduce(buf, async_op=True).get_future().then(lambda f: f.value()[0])
+        model.register_comm_hook(None, drop)
+        return model
+    loop.wrap_model = wrap
+
+loop.run(load_config(TrainConfig, None, settings))
+(out / f"ids-{rank}.json").write_text(json.dumps(seen))
+"""
+
+# Tolerances for DDP == one process, fp32 on CPU. The two runs differ only in summation order (a
+# batch of 4 against two batches of 2 averaged by the all-reduce), so every compared quantity agrees
+# to float32 rounding, ~1e-7 relative per operation; 1e-5 relative to the norm leaves two orders of
+# magnitude for the UNet's depth. Dropping one rank's gradient changes the averaged gradient by half
+# of that rank's share, O(1) relative to the norm: five orders of magnitude above the tolerance.
+DDP_RTOL = 1e-5
+
+
+def _rel(a: dict, b: dict) -> float:
+    """‖a − b‖ / ‖a‖ over all tensors: the relative difference of two flattened parameter sets."""
+    assert a.keys() == b.keys()
+    diff = torch.cat([(b[k].double() - a[k].double()).flatten() for k in a])
+    return float(diff.norm() / torch.cat([a[k].double().flatten() for k in a]).norm())
+
+
+def _ddp_compare(one: Path, two: Path, base: dict) -> dict[str, bool]:
+    """Each property that one process of batch 4 and two ranks of batch 2 must share, checked."""
+    runs = {"one0": (one, 0), "two0": (two, 0), "two1": (two, 1)}
+    ids = {key: json.loads((d / f"ids-{r}.json").read_text()) for key, (d, r) in runs.items()}
+    curves = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
+    grads = {key: load_file(d / f"grad-{r}.safetensors") for key, (d, r) in runs.items()}
+    w = [load_file(d / "checkpoints" / "step-000003" / "trainable.safetensors") for d in (one, two)]
+    moves = [{k: x[k] - base[k] for k in x} for x in w]
+    # each run stores base + move rounded to float32, so two moves that agree exactly can still differ
+    # by one unit in the last place of the weight wherever the roundings fall differently
+    ulp = torch.cat([(torch.nextafter(x, torch.full_like(x, math.inf)) - x).double().flatten() for x in w[0].values()])
+    ulp_share = float(ulp.norm() / torch.cat([m.double().flatten() for m in moves[0].values()]).norm())
+    print(f"{two.name}: first gradient {_rel(grads['one0'], grads['two0']):.2e}, weight moves "
+          f"{_rel(moves[0], moves[1]):.2e} (tolerance {DDP_RTOL:.0e} + {ulp_share:.2e} for float32 storage)")
+    return {
+        # the sampler splits each global micro-batch: rank r holds rows [2r, 2r+2) of the one-process batch
+        "sample order": ids["one0"] == [[a + b for a, b in zip(u0, u1)] for u0, u1 in zip(ids["two0"], ids["two1"])],
+        "loss curve": [r["samples"] for r in curves[1]] == [8, 16, 24]
+        and all(abs(b["loss"] - a["loss"]) <= DDP_RTOL * abs(a["loss"]) for a, b in zip(*curves)),
+        # the all-reduce leaves the same averaged gradient on every rank, bit for bit
+        "ranks agree": all(torch.equal(grads["two0"][k], grads["two1"][k]) for k in grads["two0"]),
+        "first gradient": _rel(grads["one0"], grads["two0"]) <= DDP_RTOL,
+        "weights after 3 SGD updates": _rel(moves[0], moves[1]) <= DDP_RTOL + ulp_share,
+    }
+
+
 def test_two_gloo_ranks_match_one_process(tiny_model_dir, work, tmp_path):
+    """Two DDP ranks of batch 2 train exactly like one process of batch 4 (the same samples, noise,
+    gradient and weights), and the comparison catches a rank whose gradient is left out."""
     import os
     import subprocess
     import sys
 
-    common = {"model": str(tiny_model_dir), "work": str(work), "device": "cpu", "precision": "fp32", "num_steps": 3,
-              "gradient_accumulation_steps": 2, "optimizer.learning_rate": 1e-4, "logging.every_steps": 1,
-              "checkpoints.diffusers": False, "checkpoints.single_file": False, "data.workers": 1,
-              "data.p_uncond": 0.2, "objective.name": "flow", "logging.tensorboard": False}  # fmt: skip
-    script = tmp_path / "runner.py"
-    script.write_text(RUNNER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = {**common, "out": str(tmp_path / "one"), "batch_size": 4}
-    two = {**common, "out": str(tmp_path / "two"), "batch_size": 2}
-    subprocess.run([sys.executable, str(script), json.dumps(one)], check=True, env=env, timeout=300)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    subprocess.run([*launch, json.dumps(two)], check=True, env=env, timeout=300)
-
-    curves = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-              for d in ("one", "two")]  # fmt: skip
-    assert [r["samples"] for r in curves[0]] == [r["samples"] for r in curves[1]] == [8, 16, 24]
-    for a, b in zip(*curves):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
-    w = [load_file(tmp_path / d / "checkpoints" / "step-000003" / "trainable.safetensors") for d in ("one", "two")]
-    # AdamW moves each weight by up to lr per step whatever the gradient's size, so rounding noise in a
-    # near-zero gradient (the all-reduce sums in another order) shows at that scale: compare the moves.
     from sdxl_trainer.models.loading import load_unet
 
+    common = {"model": str(tiny_model_dir), "work": str(work), "device": "cpu", "precision": "fp32", "num_steps": 3,
+              "gradient_accumulation_steps": 2, "optimizer.learning_rate": 0.1, "optimizer.weight_decay": 0.0,
+              "logging.every_steps": 1, "checkpoints.diffusers": False, "checkpoints.single_file": False,
+              "data.workers": 1, "data.p_uncond": 0.2, "objective.name": "flow", "logging.tensorboard": False}  # fmt: skip
+    script = tmp_path / "runner.py"
+    script.write_text(DDP_RUNNER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    runs = {"one": ([sys.executable, str(script)], 4, None), "two": (launch, 2, None), "broken": (launch, 2, 1)}
+    for name, (cmd, batch, drop) in runs.items():
+        (tmp_path / name).mkdir()
+        settings = {**common, "out": str(tmp_path / name), "batch_size": batch}
+        probe = {"dir": str(tmp_path / name), "drop_rank": drop}
+        subprocess.run([*cmd, json.dumps(settings), json.dumps(probe)], check=True, env=env, timeout=300)
+
     base = {k: v.detach() for k, v in load_unet(tiny_model_dir).named_parameters()}
-    move = torch.cat([(w[0][k] - base[k]).flatten() for k in w[0]])
-    diff = torch.cat([(w[1][k] - w[0][k]).flatten() for k in w[0]])
-    assert move.abs().max() > 2e-4  # three AdamW steps at lr 1e-4 did move the weights
-    assert diff.abs().max() < 0.1 * move.abs().max() and diff.abs().mean() < 0.01 * move.abs().mean()
+    w = load_file(tmp_path / "one" / "checkpoints" / "step-000003" / "trainable.safetensors")
+    assert _rel(base, w) > 1e-4  # the three updates did move the weights
+    good = _ddp_compare(tmp_path / "one", tmp_path / "two", base)
+    assert all(good.values()), good
+    broken = _ddp_compare(tmp_path / "one", tmp_path / "broken", base)
+    # one rank's gradient left out: the same samples and first loss, ranks still in step with each
+    # other, but a different gradient and so different weights, which the checks above must see
+    assert broken == {**good, "first gradient": False, "weights after 3 SGD updates": False, "loss curve": False}, broken
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, work, tmp_path):
