@@ -193,11 +193,12 @@ def demo(
     seed: int = typer.Option(0, help="Seed for the model weights and the data."),
     train_steps: int = typer.Option(600, help="Updates per trained model (four are trained)."),
     quick: bool = typer.Option(False, "--quick", help="Smoke test for CI: random VAE, tiny sampling; the numbers mean nothing."),
+    threads: int = typer.Option(2, min=1, help="torch intra-op threads (1 on a machine busy with other work)."),
 ) -> None:
     """Run every stage on synthetic data and a tiny SDXL model (offline, CPU, minutes)."""
     from sdxl_trainer import demo as stage
 
-    stage.run(out, n_images=images, seed=seed, train_steps=train_steps, quick=quick)
+    stage.run(out, n_images=images, seed=seed, train_steps=train_steps, quick=quick, threads=threads)
 
 
 def _parse_sets(pairs: list[str] | None) -> dict[str, Any]:

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sdxl_trainer import console
 from sdxl_trainer.config import CacheConfig, EvaluateConfig, ScanConfig, StatsConfig, TrainConfig, WeightsConfig
 from sdxl_trainer.evaluate import report
@@ -76,12 +78,23 @@ def black_table(results: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
 
 
 def run(out: Path, *, n_images: int = DEMO_IMAGES, seed: int = 0, train_steps: int = TRAIN_STEPS,
-        quick: bool = False) -> dict:
+        quick: bool = False, threads: int = 2) -> dict:
     """Build the kit (reusing it when present) and run every stage; returns timings and black-image numbers.
 
     ``quick`` shrinks the sampling (2 seeds, 4 steps, two report checks): a smoke test of every code
-    path for CI, whose numbers mean nothing.
+    path for CI, whose numbers mean nothing. ``threads`` is torch's intra-op thread count for the
+    whole demo, the VAE fit included (results are bitwise reproducible for a given count; on a
+    machine busy with other work, 1 avoids OpenMP threads fighting for the cores).
     """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(Path(out), n_images=n_images, seed=seed, train_steps=train_steps, quick=quick, threads=threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(out: Path, *, n_images: int, seed: int, train_steps: int, quick: bool, threads: int) -> dict:
     seeds = BLACK_SEEDS[:2] if quick else BLACK_SEEDS
     sampling = SamplingOptions(steps=4, cfg_scale=SAMPLING.cfg_scale) if quick else SAMPLING
     checks = ["black", "schedules"] if quick else ["black", "coherence", "schedules", "progressive"]
@@ -98,7 +111,7 @@ def run(out: Path, *, n_images: int = DEMO_IMAGES, seed: int = 0, train_steps: i
         return result
 
     if not (model / "model_index.json").is_file():  # quick: the VAE stays random (its pixels mean nothing)
-        stage("build tiny model", lambda: build_tiny_model(model, seed=seed, fit_vae=not quick))
+        stage("build tiny model", lambda: build_tiny_model(model, seed=seed, fit_vae=not quick, fit_threads=threads))
     if not data.is_dir():
         stage("build synthetic data", lambda: build_synthetic_dataset(data, n=n_images, seed=seed))
     stage("prep scan", lambda: scan.run(demo_scan_config(data, work, model)))
@@ -118,6 +131,7 @@ def run(out: Path, *, n_images: int = DEMO_IMAGES, seed: int = 0, train_steps: i
         seeds=seeds[:4], coherence_seeds=[0, 1], density_samples=20_000, device="cpu", dtype="fp32", checks=checks)))  # fmt: skip
     timings["total"] = time.perf_counter() - start
     result = {"timings": timings, "black": black, "quick": quick, "train_steps": train_steps, "seeds": seeds,
+              "threads": threads,
               "sampling": {"steps": sampling.steps, "cfg_scale": sampling.cfg_scale}}  # fmt: skip
     write_json(result, out / "demo.json", artifact="demo", config={"n_images": n_images, "seed": seed})
     console.table(f"black-image test: mean brightness over {len(seeds)} seeds ± its spread (0 black, 1 white)",

@@ -139,11 +139,12 @@ def _seeded(seed: int, part: int, build):
         return build()
 
 
-def build_tiny_model(out_dir: Path | str, *, seed: int = 0, fit_vae: bool = True) -> Path:
+def build_tiny_model(out_dir: Path | str, *, seed: int = 0, fit_vae: bool = True, fit_threads: int = 2) -> Path:
     """Write the tiny SDXL pipeline (diffusers layout) to ``out_dir``; returns ``out_dir``.
 
     ``fit_vae`` trains the VAE on synthetic renders so it reconstructs them (about a minute on 2
-    cores); without it every part is random and the build takes seconds.
+    cores) with ``fit_threads`` intra-op threads (the fit is bitwise reproducible for a given count);
+    without it every part is random and the build takes seconds.
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -164,7 +165,7 @@ def build_tiny_model(out_dir: Path | str, *, seed: int = 0, fit_vae: bool = True
     te1_cfg, te2_cfg = text_encoder_configs(vocab_size, tok1.bos_token_id, tok1.eos_token_id)
     vae = _seeded(seed, 1, lambda: AutoencoderKL(**vae_config()))
     if fit_vae:
-        fit_tiny_vae(vae, seed=seed)
+        fit_tiny_vae(vae, seed=seed, settings=vae_fit.FitSettings(num_threads=fit_threads))
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=_seeded(seed, 2, lambda: CLIPTextModel(CLIPTextConfig(**te1_cfg))),
