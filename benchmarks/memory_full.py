@@ -1,0 +1,423 @@
+"""Full-size SDXL training memory, measured: peak tensor bytes of real ``TrainStep.update`` calls.
+
+    python benchmarks/memory_full.py                        # every configuration, 1024², 1 text chunk
+    python benchmarks/memory_full.py --configs lora-r16-bf16,lora-r16-fp8 --checkpointing on
+    python benchmarks/memory_full.py --resolution 768 --chunks 3 --real none
+    python benchmarks/memory_full.py --validate             # the method's own checks (below)
+
+The UNet is SDXL base 1.0's architecture from the shipped config with random weights. Every
+configuration goes through the trainer's own pieces in ``loop.run``'s order — ``loop.build_unet``
+(LoRA, frozen-base dtype, savers, checkpointing), ``loop.wrap_model``, ``param_groups`` /
+``build_optimizer``, ``loop.make_step`` — and two ``TrainStep.update`` calls at batch 1 (the second
+update is the steady state: the optimiser state exists while activations and gradients build up).
+
+How memory is measured. ``torch.distributed._tools.mem_tracker.MemTracker`` (a TorchDispatchMode)
+sees every tensor storage the update creates, plus the model's and optimiser's registered before
+it starts, and keeps the peak of their total bytes — per category (parameters, gradients, optimiser
+state, activations, temporaries). That is "peak bytes held by tensors"; it is what
+``torch.cuda.max_memory_allocated`` reports on a GPU, minus the caching allocator's block rounding.
+Each configuration runs in its own process, in one of two modes:
+
+- ``real``: real tensors on the CPU. Also reports the process's peak resident set (VmHWM, reset
+  just before the first update) and the wall time of the second update.
+- ``fake``: the same code under ``FakeTensorMode`` — tensors with shapes and dtypes but no data, so
+  configurations that do not fit this machine's 24 GB (full finetune with fp32 AdamW, ≈ 41 GB
+  before activations) are tracked without allocating. No RSS or time. Data-dependent reads cannot
+  run on fake tensors, so the finiteness check of the update is stubbed to "finite" in this mode.
+
+``--validate`` checks the method: (1) a known allocation sequence reports its known peak exactly;
+(2) fake and real mode agree on the tiny demo UNet for a LoRA and a full-finetune configuration;
+(3) every real full-size record carries its RSS, so tracked bytes can be read against the
+process's resident memory (the gap is the Python/torch runtime, ~0.5 GB, and allocator slack).
+
+Results are merged into docs/results/memory_full.json (``--out``): ``records`` keyed by
+configuration name (``-ckpt`` = gradient checkpointing; ``@R-cN`` for a resolution or chunk count
+other than 1024/1), each with ``peak_tensor_gb`` (10⁹ bytes), ``by_category``, ``rss_gb``,
+``step_s``, ``method``, ``resolution``, ``chunks``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, nullcontext
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # run from a checkout; reuse train_gpu's helpers
+
+import train_gpu  # noqa: E402
+from sdxl_trainer.config import TrainConfig, load_config  # noqa: E402
+from sdxl_trainer.dist import DistInfo  # noqa: E402
+from sdxl_trainer.models import tiny  # noqa: E402
+from sdxl_trainer.models.loading import read_part_config  # noqa: E402
+from sdxl_trainer.train import loop  # noqa: E402
+from sdxl_trainer.train.optim import build_optimizer, param_groups  # noqa: E402
+from sdxl_trainer.train.state import TrainState  # noqa: E402
+
+GB = 1e9
+LORA = {"lora.enabled": True, "lora.rank": 16, "lora.alpha": 16.0}
+CONFIGS: dict[str, dict[str, Any]] = {  # name → TrainConfig overrides (bf16 autocast, batch 1 for all)
+    "lora-r16-bf16": LORA,
+    "lora-r16-fp8": {**LORA, "lora.fp8_base": True},
+    "full-adamw": {"optimizer.name": "adamw"},
+    "full-adafactor": {"optimizer.name": "adafactor"},
+    "full-adamw8bit": {"optimizer.name": "adamw8bit"},
+    "full-adamw-fused": {"optimizer.name": "adamw", "optimizer.fused_backward_pass": True},
+    "full-adafactor-fused": {"optimizer.name": "adafactor", "optimizer.fused_backward_pass": True},
+    "full-adamw-bf16sr": {"optimizer.name": "adamw", "optimizer.bf16_weights": True},
+    "full-adafactor-bf16sr": {"optimizer.name": "adafactor", "optimizer.bf16_weights": True},
+    "full-adamw-fused-bf16sr": {"optimizer.name": "adamw", "optimizer.fused_backward_pass": True,
+                                "optimizer.bf16_weights": True},  # fmt: skip
+    "full-adafactor-fused-bf16sr": {"optimizer.name": "adafactor", "optimizer.fused_backward_pass": True,
+                                    "optimizer.bf16_weights": True},  # fmt: skip
+}
+# Real (allocating) runs by default: what fits 24 GB of RAM with room to spare, from the fake figures.
+REAL_BUDGET_GB = 17.0
+
+
+def record_name(name: str, *, ckpt: bool, resolution: int, chunks: int) -> str:
+    suffix = "" if (resolution, chunks) == (1024, 1) else f"@{resolution}-c{chunks}"
+    return f"{name}{'-ckpt' if ckpt else ''}{suffix}"
+
+
+def train_config(overrides: dict[str, Any], *, ckpt: bool) -> TrainConfig:
+    base = {"model": "random-weights", "work": "unused", "out": "unused", "num_steps": 2, "batch_size": 1,
+            "precision": "bf16", "gradient_checkpointing": ckpt, "device": "cpu", "objective.name": "v_ztsnr",
+            "latents.scaling_factor": train_gpu.SCALING_FACTOR, "optimizer.learning_rate": 1e-5,
+            "logging.tensorboard": False}  # fmt: skip
+    return load_config(TrainConfig, None, {**base, **overrides})
+
+
+# ── one configuration, in its own process ─────────────────────────────────────────────────────────
+
+
+def _vm_hwm_gb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_vm_hwm() -> None:
+    try:  # Linux ≥ 4.0: "5" resets the peak resident set size to the current one
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def make_tracker():
+    """A MemTracker that tolerates frozen parameters (a LoRA's base, an fp8 store): MemTracker hooks
+    every parameter's gradient, and torch refuses a hook on a tensor that never gets one."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class Tracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            for p in module.parameters():
+                if not p.requires_grad:
+                    self._param_to_grad_hook_handles.setdefault(p, (_NoHook(), _NoHook()))
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+        def _update_peak_stats(self, peak_state) -> None:
+            # only the global peak: MemTracker also walks every module's statistics on every operator,
+            # which is quadratic in practice (SDXL: ~2,000 modules × tens of thousands of operators)
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev] = snap["Total"]
+                    self._peak_mem_snap[dev] = dict(snap)
+
+    return Tracker()
+
+
+def random_unet_loader(config: dict):
+    """Stands in for ``loop.load_unet``: fresh random weights, created directly in the asked dtype (no
+    transient fp32 copy; and ``Module.to`` cannot convert fake parameters)."""
+    from diffusers import UNet2DConditionModel
+
+    def load(model_dir, *, dtype=torch.float32, device="cpu"):
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                return UNet2DConditionModel.from_config(config)
+        finally:
+            torch.set_default_dtype(before)
+
+    return load
+
+
+def _fake_module_to():
+    """fake mode: ``Module.to`` cannot swap fake parameters (torch refuses: they carry weak references),
+    so parameters and buffers are converted by assigning ``.data`` — what ``Module.to`` did before
+    tensor swapping, and what the trainer itself does for a LoRA adapter's fp32 copy."""
+
+    def to(self, *args, **kwargs):
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+
+        def convert(t):
+            keep = dtype is None or not (t.is_floating_point() or t.is_complex())
+            return t.to(device=device, dtype=None if keep else dtype, non_blocking=non_blocking)
+
+        with torch.no_grad():
+            for module in self.modules():
+                for p in module._parameters.values():
+                    if p is not None:
+                        p.data = convert(p.data)
+                for key, b in module._buffers.items():
+                    if b is not None:
+                        module._buffers[key] = convert(b)
+        return self
+
+    return mock.patch.object(torch.nn.Module, "to", to)
+
+
+def random_unet_loader(config: dict):
+    """Stands in for ``loop.load_unet``: fresh random weights, created directly in the asked dtype (no
+    transient fp32 copy; and ``Module.to`` cannot convert fake parameters)."""
+    from diffusers import UNet2DConditionModel
+
+    def load(model_dir, *, dtype=torch.float32, device="cpu"):
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                return UNet2DConditionModel.from_config(config)
+        finally:
+            torch.set_default_dtype(before)
+
+    return load
+
+
+def _same_place_to_is_a_no_op():
+    """fake mode: ``Module.to`` cannot swap fake parameters (torch refuses: they carry weak references),
+    so a move to where every tensor already is (peft does that for each new adapter) returns the module
+    untouched; a real conversion still goes through (and fails loudly)."""
+    real_to = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        tensors = [*self.parameters(), *self.buffers()]
+        if all((device is None or t.device == torch.device(device)) and (dtype is None or t.dtype == dtype
+               or not t.is_floating_point()) for t in tensors):  # fmt: skip
+            return self
+        return real_to(self, *args, **kwargs)
+
+    return mock.patch.object(torch.nn.Module, "to", to)
+
+
+def _finite_stub():
+    """fake mode: ``torch.isfinite`` answers True (a fake tensor has no value to test)."""
+    return mock.patch.object(torch, "isfinite", lambda x: True)
+
+
+def measure(unet_config: dict, cfg: TrainConfig, *, resolution: int, chunks: int, fake: bool) -> dict[str, Any]:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import unset_fake_temporarily as unset_fake
+
+    device = torch.device("cpu")
+    with ExitStack() as stack:
+        if fake:
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+            stack.enter_context(_fake_module_to())
+        t0 = time.perf_counter()
+        with mock.patch.object(loop, "load_unet", random_unet_loader(unet_config)):
+            unet = loop.build_unet(cfg, device)
+        model = loop.wrap_model(unet, cfg, DistInfo(), device)
+        o = cfg.optimizer
+        groups = param_groups(unet=unet, lr=o.learning_rate, weight_decay=o.weight_decay)
+        optimizer = build_optimizer(groups, name=o.name, lr=o.learning_rate, weight_decay=o.weight_decay,
+                                    betas=o.betas, eps=o.eps)  # fmt: skip
+        with unset_fake() if fake else nullcontext():  # small real tables: schedule, normalisation
+            step = loop.make_step(cfg, device, DistInfo())
+        batch = train_gpu.make_batch(unet_config, batch=1, resolution=resolution, chunks=chunks)
+        build_s = time.perf_counter() - t0
+        tracker = make_tracker()
+        tracker.track_external(unet, *batch.values())
+        if isinstance(optimizer, torch.optim.Optimizer):  # a fused-backward wrapper's states are created inside
+            tracker.track_external(optimizer)
+        generator, state, times = torch.Generator(device).manual_seed(0), TrainState(), []
+        _reset_vm_hwm()
+        with tracker, _finite_stub() if fake else nullcontext():
+            for _ in range(2):
+                tracker.reset_mod_stats()  # per-module figures are per iteration; the peak is kept
+                t1 = time.perf_counter()
+                step.update(model, [batch], optimizer=optimizer, generator=generator, state=state)
+                times.append(time.perf_counter() - t1)
+        peak = tracker.get_tracker_snapshot("peak")
+    per_device = next(iter(peak.values())) if peak else {}
+    total = per_device.pop("Total", sum(per_device.values()))
+    return {"method": "fake" if fake else "real", "peak_tensor_gb": total / GB,
+            "by_category": {k: v / GB for k, v in per_device.items() if v},
+            "rss_gb": None if fake else _vm_hwm_gb(), "step_s": None if fake else times[-1],
+            "first_update_s": None if fake else times[0], "build_s": build_s,
+            "trainable_params_m": sum(p.numel() for p in unet.parameters() if p.requires_grad) / 1e6}  # fmt: skip
+
+
+def child(args: argparse.Namespace) -> None:
+    """Measure one configuration and print its record as one JSON line (the parent collects it)."""
+    torch.set_num_threads(args.threads)
+    unet_config = tiny.unet_config() if args.tiny else read_part_config("unet")
+    cfg = train_config(CONFIGS[args.child], ckpt=args.child_ckpt)
+    out = measure(unet_config, cfg, resolution=args.resolution, chunks=args.chunks, fake=args.child_mode == "fake")
+    print("RECORD " + json.dumps(out), flush=True)
+
+
+def run_child(name: str, *, ckpt: bool, mode: str, args: argparse.Namespace, tiny_model: bool = False) -> dict:
+    resolution = tiny.TINY_RESOLUTION if tiny_model else args.resolution
+    cmd = [sys.executable, __file__, "--child", name, "--child-mode", mode, "--resolution", str(resolution),
+           "--chunks", str(args.chunks), "--threads", str(args.threads)] + (["--child-ckpt"] if ckpt else []) \
+        + (["--tiny"] if tiny_model else [])  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RECORD ")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"method": mode, "error": f"exit {done.returncode}: {tail}"[:400]}
+    return json.loads(lines[-1].removeprefix("RECORD "))
+
+
+# ── the method's checks ──────────────────────────────────────────────────────────────────────────
+
+
+def validate_known_sequence() -> dict[str, Any]:
+    """Allocate 1 GiB, then 0.5 GiB, free the first, allocate 0.25 GiB: the peak is 1.5 GiB exactly."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    gib = 2**30
+    tracker = MemTracker()
+    with tracker:
+        a = torch.empty(gib // 4, dtype=torch.float32)
+        b = torch.empty(gib // 2, dtype=torch.uint8)
+        del a
+        c = torch.empty(gib // 8, dtype=torch.float16)
+        del b, c
+    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
+    return {"expected_bytes": gib + gib // 2, "tracked_bytes": peak, "exact": peak == gib + gib // 2}
+
+
+def validate_fake_vs_real(args: argparse.Namespace) -> dict[str, Any]:
+    """The same configurations on the tiny UNet, real and fake: the tracked peaks must agree."""
+    out = {}
+    for name in ("lora-r16-bf16", "full-adamw"):
+        pair = {mode: run_child(name, ckpt=False, mode=mode, args=args, tiny_model=True) for mode in ("real", "fake")}
+        real, fake = pair["real"].get("peak_tensor_gb"), pair["fake"].get("peak_tensor_gb")
+        out[name] = {"real_gb": real, "fake_gb": fake,
+                     "relative_difference": None if not (real and fake) else abs(fake - real) / real}  # fmt: skip
+    return out
+
+
+# ── driver ────────────────────────────────────────────────────────────────────────────────────────
+
+
+def selected(args: argparse.Namespace) -> list[tuple[str, bool]]:
+    names = list(CONFIGS) if args.configs == "all" else [n.strip() for n in args.configs.split(",")]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}: choose from {', '.join(CONFIGS)}")
+    ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    return [(n, c) for n in names for c in ckpts]
+
+
+def available(name: str) -> str | None:
+    """Why a configuration cannot run in this checkout (a key not built yet, a package missing), or None."""
+    try:
+        train_config(CONFIGS[name], ckpt=False)
+    except Exception as e:  # noqa: BLE001 — reported, not raised: the other configurations still run
+        return f"not available: {str(e).splitlines()[0][:200]}"
+    return None
+
+
+def wants_real(args: argparse.Namespace, name: str, fake: dict) -> bool:
+    if args.real == "none":
+        return False
+    if args.real != "fit":
+        return name in args.real.split(",")
+    return fake.get("peak_tensor_gb") is not None and fake["peak_tensor_gb"] < REAL_BUDGET_GB
+
+
+def measure_all(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    for name, ckpt in selected(args):
+        key = record_name(name, ckpt=ckpt, resolution=args.resolution, chunks=args.chunks)
+        setup = {"config": name, "overrides": CONFIGS[name], "gradient_checkpointing": ckpt,
+                 "resolution": args.resolution, "chunks": args.chunks, "batch": 1, "precision": "bf16"}  # fmt: skip
+        why = available(name)
+        if why:
+            doc["records"][key] = {**setup, "error": why}
+            print(f"{key}: {why}", flush=True)
+            continue
+        fake = run_child(name, ckpt=ckpt, mode="fake", args=args)
+        rec = {**setup, **fake, "fake_peak_tensor_gb": fake.get("peak_tensor_gb")}
+        if "error" not in fake and wants_real(args, key, fake):
+            real = run_child(name, ckpt=ckpt, mode="real", args=args)
+            rec.update(real if "error" not in real else {"real_error": real["error"]})
+        doc["records"][key] = rec
+        shown = rec.get("error") or f"{rec['peak_tensor_gb']:.2f} GB ({rec['method']})" + (
+            f", RSS {rec['rss_gb']:.2f} GB, {rec['step_s']:.0f} s/update" if rec.get("step_s") else "")
+        print(f"{key}: {shown}", flush=True)
+        write(doc, args.out)  # after each: a long run interrupted keeps what it measured
+
+
+def write(doc: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="all", help=f"comma list of {', '.join(CONFIGS)} (or all)")
+    ap.add_argument("--checkpointing", default="both", choices=("off", "on", "both"))
+    ap.add_argument("--resolution", type=int, default=1024, help="512 | 768 | 1024 (or any multiple of 8)")
+    ap.add_argument("--chunks", type=int, default=1, choices=(1, 2, 3), help="77-token text chunks")
+    ap.add_argument("--real", default="fit",
+                    help=f"configurations also run with real tensors: fit (fake peak < {REAL_BUDGET_GB} GB), none, "
+                         "or a comma list of record names")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads for the real runs")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per configuration and mode")
+    ap.add_argument("--validate", action="store_true", help="check the method (see the module docstring)")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs/results/memory_full.json")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-mode", choices=("real", "fake"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-ckpt", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        child(args)
+        return
+    doc = json.loads(args.out.read_text()) if args.out.is_file() else {"records": {}}
+    doc.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+               command=" ".join(["python", *sys.argv]), torch=torch.__version__, platform=platform.platform(),
+               method=__doc__.split("How memory is measured. ")[1].split("\n\n")[0].replace("\n", " "))  # fmt: skip
+    if args.validate:
+        doc["validation"] = {"known_sequence": validate_known_sequence(), "fake_vs_real_tiny": validate_fake_vs_real(args)}
+        print(json.dumps(doc["validation"], indent=2))
+    else:
+        measure_all(args, doc)
+    write(doc, args.out)
+
+
+if __name__ == "__main__":
+    main()
