@@ -68,7 +68,7 @@ def test_cli_debug_shows_the_exception(tmp_path):
 @pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path):
     result = runner.invoke(app, ["--quiet", "demo", "--out", str(tmp_path), "--images", "40", "--train-steps", "3",
-                                 "--quick"])  # fmt: skip
+                                 "--quick", "--threads", "1"])  # fmt: skip
     assert result.exit_code == 0, result.output
     work = tmp_path / "work"
     manifest = pq.read_table(work / "manifest.parquet")
