@@ -19,7 +19,8 @@ state, activations, temporaries). That is "peak bytes held by tensors"; it is wh
 Each configuration runs in its own process, in one of two modes:
 
 - ``real``: real tensors on the CPU. Also reports the process's peak resident set (VmHWM, reset
-  just before the first update) and the wall time of the second update.
+  just before the first update; ``rss_before_gb`` is the resident set at that moment, the model
+  built) and the wall time of the second update.
 - ``fake``: the same code under ``FakeTensorMode`` — tensors with shapes and dtypes but no data, so
   configurations that do not fit this machine's 24 GB (full finetune with fp32 AdamW, ≈ 41 GB
   before activations) are tracked without allocating. No RSS or time. Data-dependent reads cannot
@@ -102,10 +103,10 @@ def train_config(overrides: dict[str, Any], *, ckpt: bool) -> TrainConfig:
 # ── one configuration, in its own process ─────────────────────────────────────────────────────────
 
 
-def _vm_hwm_gb() -> float | None:
+def _vm_gb(field: str = "VmHWM") -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024 / GB
     except OSError:
         pass
@@ -255,6 +256,7 @@ def measure(unet_config: dict, cfg: TrainConfig, *, resolution: int, chunks: int
             tracker.track_external(optimizer)
         generator, state, times = torch.Generator(device).manual_seed(0), TrainState(), []
         _reset_vm_hwm()
+        rss_before = _vm_gb("VmRSS")
         with tracker, _finite_stub() if fake else nullcontext():
             for _ in range(2):
                 tracker.reset_mod_stats()  # per-module figures are per iteration; the peak is kept
@@ -266,7 +268,7 @@ def measure(unet_config: dict, cfg: TrainConfig, *, resolution: int, chunks: int
     total = per_device.pop("Total", sum(per_device.values()))
     return {"method": "fake" if fake else "real", "peak_tensor_gb": total / GB,
             "by_category": {k: v / GB for k, v in per_device.items() if v},
-            "rss_gb": None if fake else _vm_hwm_gb(), "step_s": None if fake else times[-1],
+            "rss_gb": None if fake else _vm_gb("VmHWM"), "rss_before_gb": None if fake else rss_before, "step_s": None if fake else times[-1],
             "first_update_s": None if fake else times[0], "build_s": build_s,
             "trainable_params_m": sum(p.numel() for p in unet.parameters() if p.requires_grad) / 1e6}  # fmt: skip
 
