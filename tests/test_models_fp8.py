@@ -135,7 +135,8 @@ def _forward_backward(unet: nn.Module, autocast: torch.dtype | None) -> tuple[to
 
 @pytest.mark.parametrize(("dtype", "attention", "checkpointing"), [
     (torch.float32, "sdpa", False), (torch.bfloat16, "sdpa", False), (torch.bfloat16, "eager", True),
-])  # fmt: skip
+    (torch.float16, "sdpa", True),
+], ids=["fp32", "bf16", "bf16-eager-checkpointing", "fp16-checkpointing"])  # fmt: skip
 def test_fp8_unet_computes_exactly_what_the_dequantised_base_computes(tiny_model_dir, dtype, attention, checkpointing):
     from diffusers.models.attention_processor import AttnProcessor
 
