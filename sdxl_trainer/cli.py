@@ -231,6 +231,9 @@ def train(
     lora: Optional[bool] = typer.Option(None, "--lora/--full", help="Train a LoRA adapter instead of the full UNet."),
     lora_rank: Optional[int] = typer.Option(None, help="LoRA rank (default 16)."),
     lora_alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default = rank)."),
+    fp8_base: Optional[bool] = typer.Option(
+        None, "--fp8-base/--no-fp8-base", "--fp8_base", help="LoRA: keep the frozen UNet base in float8 (half of bf16)."
+    ),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Keep an EMA of the trained weights."),
     ema_decay: Optional[float] = typer.Option(None, help="EMA decay (default 0.9999)."),
     optimizer: Optional[str] = typer.Option(None, help="adamw | adamw8bit | adafactor."),
@@ -267,7 +270,8 @@ def train(
         "objective.flow_shift": flow_shift, "latents.normalization": latent_norm,
         "loss.weighting": "min_snr" if min_snr_gamma is not None else None, "loss.gamma": min_snr_gamma,
         "loss.tag_weights": tag_weights, "loss.offset_noise": offset_noise, "lora.enabled": lora,
-        "lora.rank": lora_rank, "lora.alpha": lora_alpha, "ema.enabled": ema, "ema.decay": ema_decay,
+        "lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.fp8_base": fp8_base, "ema.enabled": ema,
+        "ema.decay": ema_decay,
         "optimizer.name": "adafactor" if use_adafactor else optimizer, "optimizer.learning_rate": learning_rate,
         "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
         "num_epochs": num_epochs, "num_steps": num_steps, "num_samples": num_samples, "precision": precision,

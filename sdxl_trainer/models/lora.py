@@ -25,6 +25,7 @@ import torch
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.models.export import unwrap_model
 from sdxl_trainer.models.export_ldm import map_keys, unet_module_table
+from sdxl_trainer.models.fp8 import fp8_layers
 from sdxl_trainer.models.loading import DType, quiet_hf, resolve_dtype
 
 ADAPTER = "default"
@@ -111,6 +112,9 @@ def merged_unet(unet):
     """
     unet = unwrap_model(unet)
     _peft_config(unet)
+    if fp8_layers(unet):  # merging into the fp8-rounded copy would bake that rounding into the model
+        raise ValueError("the UNet's base is stored in fp8 (lora.fp8_base): merge the adapter into the model "
+                         "folder's own weights instead (load_unet, add_lora, load_lora_state_dict, merged_unet)")
     state = {}
     for key, value in unet.state_dict().items():
         if ".lora_" in key:

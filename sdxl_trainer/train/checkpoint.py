@@ -128,8 +128,19 @@ def _export(folder: Path, cfg: TrainConfig, unet: torch.nn.Module, exports: dict
                          text_encoder_2=te2, dtype=ck.dtype, objective=cfg.objective.name)  # fmt: skip
 
 
+def _with_new_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the section keys added since it was written at their defaults: a checkpoint from
+    before a key existed (lora.fp8_base) was trained as that key's default describes."""
+    out = dict(saved)
+    for name in RESUME_FIXED:
+        field = TrainConfig.model_fields[name]
+        if isinstance(out.get(name), dict) and field.default_factory is not None:
+            out[name] = {**field.default_factory().model_dump(mode="json"), **out[name]}
+    return out
+
+
 def check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    now = cfg.model_dump(mode="json")
+    saved, now = _with_new_defaults(saved), cfg.model_dump(mode="json")
     changed = [k for k in RESUME_FIXED if saved.get(k) != now.get(k)]
     if changed and not cfg.force:
         raise UserError(

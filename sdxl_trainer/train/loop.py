@@ -27,6 +27,7 @@ import torch
 from sdxl_trainer import console, dist
 from sdxl_trainer.config import TrainConfig, dump_config
 from sdxl_trainer.errors import UserError
+from sdxl_trainer.models.fp8 import store_base_fp8
 from sdxl_trainer.models.loading import load_unet, part_dir
 from sdxl_trainer.models.lora import add_lora
 from sdxl_trainer.train.checkpoint import resume, save_checkpoint
@@ -41,7 +42,6 @@ from sdxl_trainer.train.step import StepResult, TrainStep, build_latent_norm, bu
 from sdxl_trainer.train.text_mode import TextMode, build_text_mode
 
 
-
 # ── 3. the model ────────────────────────────────────────────────────────────────────────────────
 
 
@@ -49,16 +49,20 @@ def build_unet(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     """The UNet: all of it trainable in fp32, or a fp32 LoRA adapter on frozen weights.
 
     A LoRA's frozen base never receives updates, so under bf16/fp16 autocast it is kept in that
-    precision (SDXL: 5.1 GB instead of 10.3 GB), while the adapter stays fp32 (its master weights).
+    precision (SDXL: 5.1 GB instead of 10.3 GB), while the adapter stays fp32 (its master weights);
+    lora.fp8_base rounds it on to float8 on the CPU (2.6 GB, models/fp8.py): the device never holds 16 bits.
     """
     frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
-    unet = load_unet(cfg.model, dtype=frozen_dtype if cfg.lora.enabled else torch.float32, device=device)
+    unet = load_unet(cfg.model, dtype=frozen_dtype if cfg.lora.enabled else torch.float32,
+                     device="cpu" if cfg.lora.fp8_base else device)  # fmt: skip
     if cfg.lora.enabled:
         add_lora(unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                  target_modules=cfg.lora.target_modules)  # fmt: skip
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        if cfg.lora.fp8_base:
+            store_base_fp8(unet)
     else:
         unet.requires_grad_(True)
     if cfg.attention == "eager":  # diffusers' classic processor: for comparison, or where SDPA misbehaves
@@ -67,7 +71,7 @@ def build_unet(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
         unet.set_attn_processor(AttnProcessor())
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    return unet.train()
+    return unet.to(device).train()
 
 
 def wrap_model(unet: torch.nn.Module, cfg: TrainConfig, info: dist.DistInfo, device: torch.device) -> torch.nn.Module:
