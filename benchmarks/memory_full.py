@@ -224,9 +224,29 @@ def _same_place_to_is_a_no_op():
     return mock.patch.object(torch.nn.Module, "to", to)
 
 
+class _AllFinite:
+    """What ``torch.isfinite`` answers for a fake tensor: true, however it is combined or reduced."""
+
+    def all(self):
+        return self
+
+    def __and__(self, other):
+        return self
+
+    __rand__ = __and__
+
+    def __bool__(self) -> bool:
+        return True
+
+
 def _finite_stub():
-    """fake mode: ``torch.isfinite`` answers True (a fake tensor has no value to test)."""
-    return mock.patch.object(torch, "isfinite", lambda x: True)
+    """fake mode: a fake tensor has no values to test, so ``torch.isfinite`` calls it finite (the
+    trainer's checks — the update's skip decision, the fp8 store's input check — then pass); real
+    tensors are still tested."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    real = torch.isfinite
+    return mock.patch.object(torch, "isfinite", lambda x: _AllFinite() if isinstance(x, FakeTensor) else real(x))
 
 
 def measure(unet_config: dict, cfg: TrainConfig, *, resolution: int, chunks: int, fake: bool) -> dict[str, Any]:
@@ -237,6 +257,7 @@ def measure(unet_config: dict, cfg: TrainConfig, *, resolution: int, chunks: int
     with ExitStack() as stack:
         if fake:
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+            stack.enter_context(_finite_stub())
             stack.enter_context(_fake_module_to())
         t0 = time.perf_counter()
         with mock.patch.object(loop, "load_unet", random_unet_loader(unet_config)):
@@ -257,7 +278,7 @@ def measure(unet_config: dict, cfg: TrainConfig, *, resolution: int, chunks: int
         generator, state, times = torch.Generator(device).manual_seed(0), TrainState(), []
         _reset_vm_hwm()
         rss_before = _vm_gb("VmRSS")
-        with tracker, _finite_stub() if fake else nullcontext():
+        with tracker:
             for _ in range(2):
                 tracker.reset_mod_stats()  # per-module figures are per iteration; the peak is kept
                 t1 = time.perf_counter()
