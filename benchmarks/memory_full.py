@@ -397,6 +397,24 @@ def measure_all(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         write(doc, args.out)  # after each: a long run interrupted keeps what it measured
 
 
+def markdown_table(doc: dict[str, Any]) -> str:
+    """The records as the table in docs/benchmarks.md (GB = 10⁹ bytes)."""
+    lines = ["| configuration | ckpt | res | chunks | peak tensor GB | weights | grads | optimiser | activations + temps "
+             "| method | RSS GB | s/update |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, r in doc["records"].items():
+        if "error" in r:
+            lines.append(f"| {key} | | | | {r['error']} | | | | | | | |")
+            continue
+        c = r.get("by_category", {})
+        act = c.get("Activation", 0) + c.get("Temp", 0) + c.get("Other", 0)
+        rss = f"{r['rss_gb']:.2f}" if r.get("rss_gb") else "–"
+        step = f"{r['step_s']:.0f}" if r.get("step_s") else "–"
+        lines.append(f"| {r['config']} | {'on' if r['gradient_checkpointing'] else 'off'} | {r['resolution']} | "
+                     f"{r['chunks']} | **{r['peak_tensor_gb']:.2f}** | {c.get('Parameter', 0) + c.get('Buffer', 0):.2f} | "
+                     f"{c.get('Gradient', 0):.2f} | {c.get('Optstate', 0):.2f} | {act:.2f} | {r['method']} | {rss} | {step} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def write(doc: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -416,6 +434,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads for the real runs")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per configuration and mode")
     ap.add_argument("--validate", action="store_true", help="check the method (see the module docstring)")
+    ap.add_argument("--table", action="store_true", help="print --out's records as a markdown table, measure nothing")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results/memory_full.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-mode", choices=("real", "fake"), help=argparse.SUPPRESS)
@@ -430,6 +449,9 @@ def main() -> None:
         child(args)
         return
     doc = json.loads(args.out.read_text()) if args.out.is_file() else {"records": {}}
+    if args.table:
+        print(markdown_table(doc))
+        return
     doc.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
                command=" ".join(["python", *sys.argv]), torch=torch.__version__, platform=platform.platform(),
