@@ -28,8 +28,10 @@ Each configuration runs in its own process, in one of two modes:
 
 ``--validate`` checks the method: (1) a known allocation sequence reports its known peak exactly;
 (2) fake and real mode agree on the tiny demo UNet for a LoRA and a full-finetune configuration;
-(3) every real full-size record carries its RSS, so tracked bytes can be read against the
-process's resident memory (the gap is the Python/torch runtime, ~0.5 GB, and allocator slack).
+(3) the growth of tracked bytes over one steady-state update equals the growth the CPU allocator
+itself reports (the profiler's memory events, which no dispatch mode sees) on the tiny UNet and on
+the full-size UNet at 512². Real full-size records also carry the resident set (RSS), which exceeds
+the tracked bytes by what the CPU side keeps besides tensors (see docs/benchmarks.md).
 
 Results are merged into docs/results/memory_full.json (``--out``): ``records`` keyed by
 configuration name (``-ckpt`` = gradient checkpointing; ``@R-cN`` for a resolution or chunk count
@@ -249,7 +251,18 @@ def _finite_stub():
     return mock.patch.object(torch, "isfinite", lambda x: _AllFinite() if isinstance(x, FakeTensor) else real(x))
 
 
-def measure(unet_config: dict, cfg: TrainConfig, *, resolution: int, chunks: int, fake: bool) -> dict[str, Any]:
+def profiler_growth(prof) -> int:
+    """The highest net bytes the CPU allocator handed out during a profiled region (its [memory] events)."""
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def measure(unet_config: dict, cfg: TrainConfig, *, resolution: int, chunks: int, fake: bool,
+            profile: bool = False) -> dict[str, Any]:  # fmt: skip
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch._subclasses.fake_tensor import unset_fake_temporarily as unset_fake
 
@@ -278,6 +291,20 @@ def measure(unet_config: dict, cfg: TrainConfig, *, resolution: int, chunks: int
         generator, state, times = torch.Generator(device).manual_seed(0), TrainState(), []
         _reset_vm_hwm()
         rss_before = _vm_gb("VmRSS")
+        if profile:  # the check of the method: the second update seen by the tracker and the CPU allocator
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            step.update(model, [batch], optimizer=optimizer, generator=generator, state=state)
+            if isinstance(optimizer, torch.optim.Optimizer):
+                tracker.track_external(optimizer)  # its state exists now: count it before the update starts
+            with tracker:
+                start = tracker.get_tracker_snapshot("current")
+                with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                    step.update(model, [batch], optimizer=optimizer, generator=generator, state=state)
+            before = next(iter(start.values()))["Total"]
+            after = next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
+            return {"tracker_growth_gb": (after - before) / GB, "allocator_growth_gb": profiler_growth(prof) / GB}
         with tracker:
             for _ in range(2):
                 tracker.reset_mod_stats()  # per-module figures are per iteration; the peak is kept
@@ -299,12 +326,14 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     unet_config = tiny.unet_config() if args.tiny else read_part_config("unet")
     cfg = train_config(CONFIGS[args.child], ckpt=args.child_ckpt)
-    out = measure(unet_config, cfg, resolution=args.resolution, chunks=args.chunks, fake=args.child_mode == "fake")
+    out = measure(unet_config, cfg, resolution=args.resolution, chunks=args.chunks, fake=args.child_mode == "fake",
+                  profile=args.child_mode == "profile")  # fmt: skip
     print("RECORD " + json.dumps(out), flush=True)
 
 
-def run_child(name: str, *, ckpt: bool, mode: str, args: argparse.Namespace, tiny_model: bool = False) -> dict:
-    resolution = tiny.TINY_RESOLUTION if tiny_model else args.resolution
+def run_child(name: str, *, ckpt: bool, mode: str, args: argparse.Namespace, tiny_model: bool = False,
+              resolution: int | None = None) -> dict:  # fmt: skip
+    resolution = resolution or (tiny.TINY_RESOLUTION if tiny_model else args.resolution)
     cmd = [sys.executable, __file__, "--child", name, "--child-mode", mode, "--resolution", str(resolution),
            "--chunks", str(args.chunks), "--threads", str(args.threads)] + (["--child-ckpt"] if ckpt else []) \
         + (["--tiny"] if tiny_model else [])  # fmt: skip
@@ -343,6 +372,22 @@ def validate_fake_vs_real(args: argparse.Namespace) -> dict[str, Any]:
         real, fake = pair["real"].get("peak_tensor_gb"), pair["fake"].get("peak_tensor_gb")
         out[name] = {"real_gb": real, "fake_gb": fake,
                      "relative_difference": None if not (real and fake) else abs(fake - real) / real}  # fmt: skip
+    return out
+
+
+def validate_against_allocator(args: argparse.Namespace) -> dict[str, Any]:
+    """One steady-state update seen by the tracker and by the CPU allocator's own events (the
+    profiler's [memory] records, which no dispatch mode sees): their growth over the update must agree."""
+    cases = [(n, False, True, None) for n in ("lora-r16-bf16", "lora-r16-fp8", "full-adamw", "full-adafactor")]
+    cases.append(("lora-r16-fp8", True, False, 512))  # full size, checkpointing, 512²
+    out = {}
+    for name, ckpt, tiny_model, res in cases:
+        key = record_name(name, ckpt=ckpt, resolution=res or 1024, chunks=1) + (" (tiny UNet)" if tiny_model else "")
+        got = run_child(name, ckpt=ckpt, mode="profile", args=args, tiny_model=tiny_model, resolution=res)
+        if "error" not in got:
+            got["relative_difference"] = abs(got["tracker_growth_gb"] - got["allocator_growth_gb"]) / got["allocator_growth_gb"]
+        out[key] = got
+        print(f"{key}: {got}", flush=True)
     return out
 
 
@@ -437,7 +482,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--table", action="store_true", help="print --out's records as a markdown table, measure nothing")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results/memory_full.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--child-mode", choices=("real", "fake"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-mode", choices=("real", "fake", "profile"), help=argparse.SUPPRESS)
     ap.add_argument("--child-ckpt", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args()
@@ -457,7 +502,8 @@ def main() -> None:
                command=" ".join(["python", *sys.argv]), torch=torch.__version__, platform=platform.platform(),
                method=__doc__.split("How memory is measured. ")[1].split("\n\n")[0].replace("\n", " "))  # fmt: skip
     if args.validate:
-        doc["validation"] = {"known_sequence": validate_known_sequence(), "fake_vs_real_tiny": validate_fake_vs_real(args)}
+        doc["validation"] = {"known_sequence": validate_known_sequence(), "fake_vs_real_tiny": validate_fake_vs_real(args),
+                             "tracker_vs_allocator": validate_against_allocator(args)}  # fmt: skip
         print(json.dumps(doc["validation"], indent=2))
     else:
         measure_all(args, doc)
