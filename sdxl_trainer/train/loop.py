@@ -331,6 +331,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     # 5. the step: every option turned into callables once
     step = make_step(cfg, device, info, text=text)
+    trainable = step.trainable_parameters(model)  # once: walking every module per update costs a few %
     generator = torch.Generator(device)
     state = TrainState()
     parts = dict(unet=model, optimizer=optimizer, schedule=schedule, loader=loader, ema=ema, step=step, state=state,
@@ -368,7 +369,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 samples_before = state.samples_seen
                 schedule.step(state.samples_seen + global_batch)  # the rate of an update includes its batch
                 result = step.update(model, micro, optimizer=optimizer, generator=generator, state=state,
-                                     ema=ema, ema_source=unet)  # fmt: skip
+                                     params=trainable, ema=ema, ema_source=unet)  # fmt: skip
                 advance(1)
                 window.add(result)
                 if result.skipped:
