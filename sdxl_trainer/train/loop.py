@@ -31,6 +31,7 @@ from sdxl_trainer.models.loading import load_unet, part_dir
 from sdxl_trainer.models.lora import add_lora
 from sdxl_trainer.train.checkpoint import resume, save_checkpoint
 from sdxl_trainer.train.checkpoint_dir import prepare_checkpoints, read_latest
+from sdxl_trainer.train.compile import compile_model
 from sdxl_trainer.train.data import CacheDataset
 from sdxl_trainer.train.loader import CacheLoader
 from sdxl_trainer.train.ema import EMA
@@ -78,7 +79,7 @@ def wrap_model(unet: torch.nn.Module, cfg: TrainConfig, info: dist.DistInfo, dev
 
         model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        model = torch.compile(model, mode=cfg.compile_mode)
+        model = compile_model(model, scope=cfg.compile_scope, mode=cfg.compile_mode)
     return model
 
 
