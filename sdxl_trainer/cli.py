@@ -250,6 +250,9 @@ def train(
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     enable_compile: Optional[bool] = typer.Option(None, "--enable-compile", "--enable_compile", help="torch.compile the UNet."),
     compile_mode: Optional[str] = typer.Option(None, "--compile-mode", "--compile_mode", help="torch.compile mode."),
+    compile_scope: Optional[str] = typer.Option(
+        None, "--compile-scope", "--compile_scope", help="blocks (each transformer block, default) | model (whole UNet)."
+    ),
     save_checkpoints: Optional[int] = typer.Option(
         None, "--save-checkpoints", "--save_checkpoints", help="Write a checkpoint every N updates."
     ),
@@ -276,7 +279,7 @@ def train(
         "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
         "num_epochs": num_epochs, "num_steps": num_steps, "num_samples": num_samples, "precision": precision,
         "gradient_checkpointing": gradient_checkpointing, "compile": enable_compile, "compile_mode": compile_mode,
-        "checkpoints.every_steps": save_checkpoints, "logging.wandb": use_wandb,
+        "compile_scope": compile_scope, "checkpoints.every_steps": save_checkpoints, "logging.wandb": use_wandb,
         "logging.wandb_project": wandb_project, "logging.wandb_run_name": wandb_run_name, "resume": resume,
         "force": force, "seed": seed, "device": device, **_parse_sets(set_),
     }  # fmt: skip

@@ -142,11 +142,25 @@ def test_state_files_round_trip_nested_values(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"x": object()}, {("a", 1): 1}, {"__tensor__": 1}, {"a.b": torch.ones(1), "a": {"b": torch.ones(1)}}]
-)
+    "bad",
+    [{"x": object()}, {("a", 1): 1}, {"__tensor__": 1}, {"a": {"__tuple__": [1]}}, {"__int_keys__": {}},
+     {"a.b": torch.ones(1), "a": {"b": torch.ones(1)}}],
+)  # fmt: skip
 def test_state_files_refuse_what_they_cannot_represent(tmp_path, bad) -> None:
     with pytest.raises((TypeError, ValueError)):
         ckd.save_state(tmp_path, "s", bad)
+
+
+def test_state_files_keep_other_dunder_keys(tmp_path) -> None:
+    """bitsandbytes' 8-bit optimisers nest their quantisation state under a dunder key."""
+    state = {"optimizer": {"state": {0: {"step": 3, "__bnb_optimizer_quant_state__": {
+        "state1": torch.arange(6, dtype=torch.uint8), "qmap1": torch.linspace(-1, 1, 5)}}}}}  # fmt: skip
+    ckd.save_state(tmp_path, "s", state)
+    back = ckd.load_state(tmp_path, "s")["optimizer"]["state"][0]
+    assert back["step"] == 3 and set(back["__bnb_optimizer_quant_state__"]) == {"state1", "qmap1"}
+    quant = back["__bnb_optimizer_quant_state__"]
+    assert quant["state1"].dtype == torch.uint8 and torch.equal(quant["state1"], torch.arange(6, dtype=torch.uint8))
+    assert torch.equal(quant["qmap1"], torch.linspace(-1, 1, 5))
 
 
 def test_load_state_errors(tmp_path) -> None:

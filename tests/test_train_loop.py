@@ -20,6 +20,7 @@ from sdxl_trainer.train import loop
 from sdxl_trainer.train.step import TrainStep
 
 TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,34 @@ def test_resume_continues_bitwise(tiny_model_dir, work, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     m = load_file(mid / "trainable.safetensors")
     assert not torch.equal(m["conv_in.weight"], a["conv_in.weight"])  # steps 3–4 did change the weights
+
+
+@pytest.mark.skipif(not BITSANDBYTES, reason="bitsandbytes is not installed (optional: the gpu extra)")
+def test_adamw8bit_state_is_checkpointed_and_resumes_bitwise(tiny_model_dir, work, tmp_path):
+    """8-bit AdamW through the trainer on the CPU (bitsandbytes ≥ 0.50): the quantised moments go into
+    the checkpoint and a resume from step 2 ends where the uninterrupted run does, bit for bit."""
+    import bitsandbytes.optim
+
+    from sdxl_trainer.train.optim import _check_8bit_steps_on
+
+    try:
+        _check_8bit_steps_on(torch.device("cpu"), bitsandbytes.optim)
+    except UserError as e:  # a release without CPU kernels: that error is the behaviour to have
+        pytest.skip(str(e))
+    kw = {"optimizer.name": "adamw8bit", "checkpoints.every_steps": 2}
+    loop.run(_cfg(tiny_model_dir, work, tmp_path / "a", **kw))
+    mid = tmp_path / "a" / "checkpoints" / "step-000002"
+    saved = load_file(mid / "state.safetensors")
+    moments = [k for k in saved if k.endswith("__bnb_optimizer_quant_state__.state1")]
+    # bitsandbytes keeps tensors of 4096+ elements in 8 bits, smaller ones (biases, norms) in 32
+    assert moments and all((saved[k].dtype == torch.uint8) == (saved[k].numel() >= 4096) for k in moments)
+    assert any(saved[k].dtype == torch.uint8 for k in moments)
+    loop.run(_cfg(tiny_model_dir, work, tmp_path / "b", resume=str(mid), **kw))
+    for name in ("trainable.safetensors", "state.safetensors"):  # weights; optimiser, EMA, data position
+        a, b = (load_file(tmp_path / d / "checkpoints" / "step-000004" / name) for d in "ab")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    w = load_file(tmp_path / "a" / "checkpoints" / "step-000004" / "trainable.safetensors")
+    assert not torch.equal(w["conv_in.weight"], load_file(mid / "trainable.safetensors")["conv_in.weight"])
 
 
 def test_resume_refuses_changed_batch_size(tiny_model_dir, work, tmp_path):

@@ -120,6 +120,28 @@ def test_adamw8bit_passes_the_settings_to_bitsandbytes(monkeypatch) -> None:
     assert seen == {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-6, "weight_decay": 0.01}
 
 
+def test_adamw8bit_that_cannot_step_on_the_device_is_a_clear_user_error(monkeypatch) -> None:
+    """bitsandbytes 0.47–0.49 import on a CPU-only machine and fail at the first step (with a message
+    listing every tensor): the trial step at build time turns that into one line before training."""
+
+    class CudaOnly(torch.optim.AdamW):
+        def step(self, closure=None):
+            raise RuntimeError("All input tensors need to be on the same GPU, but found some tensors to not be on a "
+                               "GPU:\n [(torch.Size([4096]), device(type='cpu')), …]")  # fmt: skip
+
+    fake_bnb = types.ModuleType("bitsandbytes")
+    fake_bnb.__version__ = "0.49.2"
+    fake = types.ModuleType("bitsandbytes.optim")
+    fake.AdamW8bit = CudaOnly
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake_bnb)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.optim", fake)
+    with pytest.raises(UserError) as info:
+        build_optimizer(param_groups(unet=_small(), lr=1e-3, weight_decay=0), name="adamw8bit", lr=1e-3)
+    text = str(info.value)
+    assert "bitsandbytes 0.49.2 is installed but cannot run 8-bit AdamW on cpu" in text and "same GPU" in text
+    assert "≥ 0.50" in text and "\n" not in text and "4096" not in text
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"name": "sgd"}, "unknown optimizer"), ({"lr": 0.0}, "learning rate"), ({"betas": (0.9, 1.0)}, "betas")],

@@ -86,6 +86,38 @@ def test_update_has_finite_loss_and_moves_weights(unet, objective):
     assert len(changed) > 0.9 * len(before)
 
 
+def test_parameter_list_built_once_updates_like_the_default(unet):
+    """The loop builds the trainable list once and passes it in: same update, bit for bit; and the
+    list is what gets clipped (a frozen-since parameter left out of it keeps its raw gradient)."""
+    runs = []
+    for given in (False, True):
+        model = _copy(unet)
+        step, state = _step(max_grad_norm=1e-3), TrainState()  # a tiny norm: clipping surely acts
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        kw = {"params": step.trainable_parameters(model)} if given else {}
+        assert not given or [id(p) for p in kw["params"]] == [id(p) for p in model.parameters()]
+        for i in range(2):
+            result = step.update(model, [make_batch(model, seed=i)], optimizer=opt,
+                                 generator=torch.Generator().manual_seed(i), state=state, **kw)  # fmt: skip
+        runs.append((_weights(model), result.grad_norm))
+    assert runs[0][1] == runs[1][1]
+    assert all(torch.equal(v, runs[0][0][k]) for k, v in runs[1][0].items())
+
+    step, model = _step(max_grad_norm=1e-3), _copy(unet)
+    params = step.trainable_parameters(model)
+    left_out = params.pop()  # not in the given list: not clipped, so the optimiser sees its raw gradient
+    seen = {}
+
+    def probe(opt, args, kwargs):
+        seen.update(listed=torch.nn.utils.get_total_norm([p.grad for p in params]), left_out=left_out.grad.norm())
+
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    opt.register_step_pre_hook(probe)
+    step.update(model, [make_batch(model)], optimizer=opt, generator=torch.Generator().manual_seed(0),
+                state=TrainState(), params=params)  # fmt: skip
+    assert seen["listed"] <= 1e-3 * (1 + 1e-5) < seen["left_out"]
+
+
 def test_gradient_reaches_every_block(unet):
     step = _step()
     loss = step.loss(unet, make_batch(unet), generator=torch.Generator().manual_seed(1))

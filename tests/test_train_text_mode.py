@@ -120,6 +120,21 @@ def test_trained_encoders_change_checkpoint_and_export(tiny_model_dir, tiny_work
     assert {"text_encoder_1/decay", "text_encoder_2/decay"} <= groups
 
 
+def test_one_trainable_list_per_run_holds_the_unet_and_the_trained_encoders(tiny_model_dir, tiny_work, tmp_path,
+                                                                            monkeypatch):  # fmt: skip
+    """The loop builds the list the update clips once (not per update), with the encoders' weights in it."""
+    from sdxl_trainer.models.loading import load_unet
+    from sdxl_trainer.train.step import TrainStep
+
+    built, real = [], TrainStep.trainable_parameters
+    monkeypatch.setattr(TrainStep, "trainable_parameters", lambda self, model: built.append(real(self, model)) or built[-1])
+    loop.run(_cfg(tiny_model_dir, tiny_work, tmp_path / "run", num_steps=3,
+                  **{"text.train_encoders": True, "optimizer.text_encoder_lr": 1e-3}))  # fmt: skip
+    (params,) = built
+    counts = [sum(1 for _ in m.parameters()) for m in (load_unet(tiny_model_dir), *load_text_encoders(tiny_model_dir))]
+    assert len(params) == len({id(p) for p in params}) == sum(counts) and counts[1] > 0 and counts[2] > 0
+
+
 def _groups(ckpt: Path) -> list[dict]:
     import json
 

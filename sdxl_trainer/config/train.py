@@ -175,8 +175,15 @@ class TrainConfig(Section):
     precision: Precision = Field("bf16", description="autocast dtype; the weights stay fp32")
     gradient_checkpointing: bool = Field(False)
     attention: Literal["sdpa", "eager"] = Field("sdpa", description="attention backend")
-    compile: bool = Field(False, description="torch.compile the UNet")
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile: bool = Field(False, description="torch.compile the UNet (the first updates wait for the compile)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode"
+    )
+    compile_scope: Literal["blocks", "model"] = Field(
+        "blocks",
+        description="blocks: the transformer blocks (regional: one graph serves them all, quick to compile) | "
+        "model: the whole UNet",
+    )
     num_samples: int | None = Field(None, ge=1, description="run length in samples (global)")
     num_steps: int | None = Field(None, ge=1, description="run length in updates")
     num_epochs: float | None = Field(None, gt=0, description="run length in passes over the training split")

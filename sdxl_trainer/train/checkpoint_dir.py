@@ -240,6 +240,9 @@ def resolve_resume(run_dir: Path, spec: str | Path) -> Path:
 
 # ── state files: safetensors for tensors, JSON for the rest ─────────────────────────────────
 _TENSOR, _INT_KEYS, _TUPLE = "__tensor__", "__int_keys__", "__tuple__"
+# A dict holding one of these keys would decode as the marker: refused. Other dunder keys are plain
+# keys (bitsandbytes' 8-bit optimisers keep their quantisation state under "__bnb_optimizer_quant_state__").
+_MARKERS = frozenset((_TENSOR, _INT_KEYS, _TUPLE))
 
 
 def _join(key: str, part: object) -> str:
@@ -256,8 +259,9 @@ def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
         if obj and all(isinstance(k, int) and not isinstance(k, bool) for k in obj):
             return {_INT_KEYS: {str(k): _encode(v, _join(key, k), tensors) for k, v in obj.items()}}
         for k in obj:
-            if not isinstance(k, str) or (k.startswith("__") and k.endswith("__")):
-                raise TypeError(f"cannot save state key {k!r} at {key!r}: use str keys (or all-int keys)")
+            if not isinstance(k, str) or k in _MARKERS:
+                raise TypeError(f"cannot save state key {k!r} at {key!r}: use str keys (or all-int keys), "
+                                f"none of {sorted(_MARKERS)}")  # fmt: skip
         return {k: _encode(v, _join(key, k), tensors) for k, v in obj.items()}
     if isinstance(obj, tuple):
         return {_TUPLE: [_encode(v, _join(key, i), tensors) for i, v in enumerate(obj)]}

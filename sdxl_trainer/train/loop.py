@@ -32,6 +32,7 @@ from sdxl_trainer.models.loading import load_unet, part_dir
 from sdxl_trainer.models.lora import add_lora
 from sdxl_trainer.train.checkpoint import resume, save_checkpoint
 from sdxl_trainer.train.checkpoint_dir import prepare_checkpoints, read_latest
+from sdxl_trainer.train.compile import compile_model
 from sdxl_trainer.train.data import CacheDataset
 from sdxl_trainer.train.loader import CacheLoader
 from sdxl_trainer.train.ema import EMA
@@ -82,7 +83,7 @@ def wrap_model(unet: torch.nn.Module, cfg: TrainConfig, info: dist.DistInfo, dev
 
         model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        model = torch.compile(model, mode=cfg.compile_mode)
+        model = compile_model(model, scope=cfg.compile_scope, mode=cfg.compile_mode)
     return model
 
 
@@ -335,6 +336,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     # 5. the step: every option turned into callables once
     step = make_step(cfg, device, info, text=text)
+    trainable = step.trainable_parameters(model)  # once: walking every module per update costs a few %
     generator = torch.Generator(device)
     state = TrainState()
     parts = dict(unet=model, optimizer=optimizer, schedule=schedule, loader=loader, ema=ema, step=step, state=state,
@@ -372,7 +374,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 samples_before = state.samples_seen
                 schedule.step(state.samples_seen + global_batch)  # the rate of an update includes its batch
                 result = step.update(model, micro, optimizer=optimizer, generator=generator, state=state,
-                                     ema=ema, ema_source=unet)  # fmt: skip
+                                     params=trainable, ema=ema, ema_source=unet)  # fmt: skip
                 advance(1)
                 window.add(result)
                 if result.skipped:

@@ -99,7 +99,8 @@ def build_optimizer(
     """An optimiser over ``groups`` (per-group ``lr``/``weight_decay`` win over the defaults here).
 
     - ``adamw``: ``torch.optim.AdamW``, the fused kernel when every parameter is on CUDA.
-    - ``adamw8bit``: ``bitsandbytes.optim.AdamW8bit`` (optional dependency, CUDA only).
+    - ``adamw8bit``: ``bitsandbytes.optim.AdamW8bit`` (optional dependency: CUDA, or the CPU from
+      bitsandbytes 0.50), after one trial step on each parameter device (see ``_check_8bit_steps_on``).
     - ``adafactor``: ``transformers.optimization.Adafactor`` with a fixed, scheduled ``lr``
       (``relative_step=False, scale_parameter=False``) and no first moment (``beta1=None``), which is
       what makes it small; ``betas`` and ``eps`` are AdamW's and Adafactor keeps its own defaults.
@@ -119,6 +120,8 @@ def build_optimizer(
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
     if name == "adamw8bit":
         bnb_optim = _import_bitsandbytes_optim()
+        for device in sorted({p.device for g in groups for p in g["params"]}, key=str):
+            _check_8bit_steps_on(device, bnb_optim)
         return bnb_optim.AdamW8bit(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     from transformers.optimization import Adafactor
 
@@ -134,5 +137,32 @@ def _import_bitsandbytes_optim() -> Any:
         raise UserError(
             f"optimizer adamw8bit needs bitsandbytes, which is not installed ({e})",
             where="optimizer.name",
-            fix="pip install 'sdxl-trainer[gpu]' (needs a CUDA GPU), or use adamw or adafactor",
+            fix="pip install 'sdxl-trainer[gpu]' (on a CUDA GPU; on the CPU it needs bitsandbytes ≥ 0.50), or use "
+            "adamw or adafactor",
+        ) from e
+
+
+# bitsandbytes keeps tensors below 4096 elements in 32-bit state; the probe must reach the 8-bit kernels.
+_PROBE_NUMEL = 4096
+
+
+def _check_8bit_steps_on(device: torch.device, bnb_optim: Any) -> None:
+    """One 8-bit AdamW step on a throwaway tensor on ``device``, so that a bitsandbytes build without
+    kernels for it stops the run here with one line, not with a traceback at the first update after
+    the model has loaded. On the CPU, 0.43.3 raises AssertionError ("Torch not compiled with CUDA
+    enabled") and 0.47.0–0.49.2 RuntimeError ("All input tensors need to be on the same GPU");
+    0.50.0 and 0.50.2 step (tested, docs/training-blocks.md)."""
+    probe = torch.zeros(_PROBE_NUMEL, device=device, requires_grad=True)
+    probe.grad = torch.ones_like(probe)
+    try:
+        bnb_optim.AdamW8bit([probe]).step()
+    except Exception as e:  # whatever the build raises (RuntimeError, AssertionError, NotImplementedError …)
+        version = getattr(importlib.import_module("bitsandbytes"), "__version__", "?")
+        reason = (str(e).strip().splitlines() or [""])[0][:200]  # 0.47–0.49 list every tensor after line one
+        fix = ("upgrade to bitsandbytes ≥ 0.50 (older releases run it on CUDA only)" if device.type == "cpu" else
+               "check that the bitsandbytes build fits this GPU and CUDA (python -m bitsandbytes)")  # fmt: skip
+        raise UserError(
+            f"bitsandbytes {version} is installed but cannot run 8-bit AdamW on {device} ({type(e).__name__}: {reason})",
+            where="optimizer.name",
+            fix=f"{fix}, or use adamw or adafactor",
         ) from e
