@@ -26,11 +26,11 @@ import torch
 from sdxl_trainer import console
 from sdxl_trainer.config import CacheConfig, EvaluateConfig, ScanConfig, StatsConfig, TrainConfig, WeightsConfig
 from sdxl_trainer.evaluate import report
-from sdxl_trainer.evaluate.black import black_image_metrics
 from sdxl_trainer.evaluate.checkpoint import load_generator
-from sdxl_trainer.evaluate.generate import SamplingOptions
 from sdxl_trainer.models.tiny import DEMO_BUCKETS, build_tiny_model
 from sdxl_trainer.prep import cache, scan, stats, weights
+from sdxl_trainer.sampling.black import black_image_metrics
+from sdxl_trainer.sampling.sample import SamplingOptions
 from sdxl_trainer.schema import write_json
 from sdxl_trainer.synthetic import build_synthetic_dataset
 from sdxl_trainer.train import loop
