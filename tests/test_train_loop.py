@@ -314,8 +314,8 @@ def test_missing_logging_package_is_a_clear_error(tiny_model_dir, work, tmp_path
 
 
 def test_wandb_gets_the_config_every_logged_step_and_a_finish(tiny_model_dir, work, tmp_path, monkeypatch):
-    """The W&B calls the loop makes, checked against a stand-in module (wandb is an optional extra,
-    not installed for the tests): init once with the run's config, log per record at its step, finish."""
+    """The W&B calls the loop makes, checked against a stand-in module: init once with the run's config,
+    log per record at its step, finish (the real package, offline, is read back in test_train_samples.py)."""
     import sys
     import types
 

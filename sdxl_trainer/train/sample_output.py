@@ -138,7 +138,9 @@ def publish_round(sinks: list[tuple[str, Any]], metrics: Path, state: TrainState
         if kind == "tensorboard":
             for image in images:
                 group = "samples" if image.weights == "raw" else f"samples_{image.weights}"
-                sink.add_image(f"{group}/{image.name.removesuffix('-ema')}", image.image, global_step=state.step)
+                # as uint8, rounded like the PNG (TensorBoard would truncate floats): the same pixels as on disk
+                sink.add_image(f"{group}/{image.name.removesuffix('-ema')}", np.asarray(to_pil(image.image)),
+                               global_step=state.step, dataformats="HWC")  # fmt: skip
             sink.add_image("samples/grid", np.asarray(grid), global_step=state.step, dataformats="HWC")
             for name, value in scalars.items():
                 sink.add_scalar(name, value, global_step=state.step)

@@ -181,7 +181,7 @@ class SampleRounds:
         seconds = time.perf_counter() - t0
         folder = write_round(self.root, state, images, checks, seconds=seconds, config=self.cfg)
         publish_round(self.sinks, Path(self.cfg.out) / "metrics.jsonl", state, images, checks, seconds=seconds)
-        console.info(f"samples: step {state.step} → {folder} ({len(images)} images, {seconds:.1f} s)")
+        console.info(f"samples: step {state.step}, {len(images)} images in {seconds:.1f} s → samples/{folder.name}")
         return folder
 
     def vae_dtype(self) -> torch.dtype:
