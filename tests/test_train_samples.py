@@ -361,3 +361,32 @@ def test_plain_progress_lines_and_a_silent_nested_bar(capsys):
     with console.training_progress(100, plain_lines=True, enabled=False) as bar:  # another rank
         bar.report(record)
     assert capsys.readouterr().out == ""
+
+
+# ── the command line ─────────────────────────────────────────────────────────────────────────────
+
+
+def test_cli_flags_in_kohyas_spelling_and_a_bad_prompt_file_is_one_line(tiny_model_dir, tiny_work, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from sdxl_trainer.cli import app
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red circle, blue background --w 64 --h 64\n")
+    out = tmp_path / "run"
+    args = ["--quiet", "train", "--model", str(tiny_model_dir), "--work", str(tiny_work), "--out", str(out),
+            "--device", "cpu", "--precision", "fp32", "--batch_size", "2", "--num_steps", "1", "--objective", "flow",
+            "--sample_prompts", str(prompts), "--sample_every_n_steps", "1", "--sample-sampler", "euler",
+            "--set", "samples.steps=2", "--set", "checkpoints.diffusers=false", "--set", "checkpoints.single_file=false",
+            "--set", "logging.tensorboard=false", "--set", "data.workers=1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())["samples"]
+    assert (saved["prompts"], saved["every_steps"], saved["sampler"]) == (str(prompts), 1, "euler")
+    assert _params(out / "samples" / "step-000001" / "00-seed0.png")["sampler"] == "euler"
+    prompts.write_text("red circle --size 64\n")
+    result = CliRunner().invoke(app, [a if a != str(out) else str(tmp_path / "other") for a in args])
+    assert result.exit_code == 2 and not (tmp_path / "other" / "samples").exists()
+    assert result.output.strip().splitlines() == [f"error: {prompts}:1: unknown prompt option --size — use --n "
+                                                  "(negative), --w, --h, --d (seed), --s (steps) or --l (cfg)"]  # fmt: skip

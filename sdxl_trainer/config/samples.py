@@ -50,7 +50,8 @@ class SamplesSection(Section):
     width: int | None = Field(None, gt=0, description="unset: the most common bucket of the training data")
     height: int | None = Field(None, gt=0, description="unset: the most common bucket of the training data")
     max_chunks: int = Field(3, ge=1, le=8, description="75-token prompt chunks")
-    checks: SampleChecksSection = Field(default_factory=SampleChecksSection)
+    checks: SampleChecksSection = Field(default_factory=SampleChecksSection,
+                                        description="the sdxl evaluate checks, on each round's weights")
 
     @property
     def enabled(self) -> bool:
