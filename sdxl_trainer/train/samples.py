@@ -9,15 +9,17 @@ coherence and progressive-denoising checks during training.
 What a round renders is exactly what `sdxl generate` renders from the checkpoint of that step: the same
 sampling code (sdxl_trainer.sampling), the objective and σ_max / shift built from the same export
 info the checkpoint records (:func:`sampling_info`), the same latent normalisation, per-image CPU
-seeds. It uses the UNet in memory — no reload, no second copy — under the run's autocast, in eval
-mode and without gradients, and puts it back in train mode. With EMA on it renders the EMA weights
-too (swapped in, then the trained ones restored bit for bit).
+seeds. It uses the UNet in memory — no reload, no second copy — under the run's autocast precision,
+in eval mode and without gradients, and puts it back in train mode. With EMA on it renders the EMA
+weights too (copied in, the trained ones restored bit for bit afterwards).
 
 Memory: the prompts are encoded once at start-up and the text encoders freed; the VAE is loaded
 for the round and released after it. A round runs after an update, when the gradients are freed
-(``zero_grad(set_to_none=True)``), so its peak — weights, optimiser state, the VAE, one image's
-activations (and with EMA a copy of the trainable weights) — stays below the update's
-(docs/samples.md has the figures).
+(``zero_grad(set_to_none=True)``). Beyond what stays resident (weights, optimiser state) it holds
+one image's inference activations, or the VAE and its decode — no autocast cast cache (which would
+hold a bf16 copy of every fp32 weight, 5.1 GB for SDXL, for the whole round) and, with EMA, the
+trained weights wait in host memory rather than as a second device copy. docs/samples.md has the
+figures.
 
 Under torchrun rank 0 renders while the other ranks wait at a barrier with a timeout, so no
 collective runs on one rank alone. Resume: a round is rendered before the checkpoint of its step is
@@ -57,6 +59,7 @@ from sdxl_trainer.sampling.progressive import progressive_check
 from sdxl_trainer.sampling.prompts import read_prompt_lines
 from sdxl_trainer.sampling.sample import SamplingOptions, check_size, generation_params, pick_sampler, sample_latents
 from sdxl_trainer.train.sample_output import RoundImage, publish_round, write_round
+from sdxl_trainer.train.ema import named_trainable
 from sdxl_trainer.train.state import TrainState
 
 BLACK_OBJECTIVES = ("v_ztsnr", "flow")  # where the black-image check is the point of the run
@@ -117,9 +120,10 @@ class SampleRounds:
     """The rounds of one run: when they are due, and (rank 0) rendering, writing and logging them."""
 
     def __init__(self, cfg: TrainConfig, *, jobs: list[SampleJob], generator: Generator | None, ema: Any,
-                 autocast: Any, info: dist.DistInfo, sinks: list, n_updates: int, black: bool):  # fmt: skip
+                 precision: torch.dtype | None, info: dist.DistInfo, sinks: list, n_updates: int,
+                 black: bool):  # fmt: skip
         self.cfg, self.s, self.jobs, self.generator, self.ema = cfg, cfg.samples, jobs, generator, ema
-        self.autocast, self.info, self.sinks, self.n_updates, self.black = autocast, info, sinks, n_updates, black
+        self.precision, self.info, self.sinks, self.n_updates, self.black = precision, info, sinks, n_updates, black
         self.root = Path(cfg.out) / "samples"
 
     # ── cadence ──────────────────────────────────────────────────────────────────────────────
@@ -165,10 +169,10 @@ class SampleRounds:
         try:
             passes = {"raw": contextlib.nullcontext()}
             if self.ema is not None:
-                passes["ema"] = self.ema.swapped_into(unet)
+                passes["ema"] = ema_weights(self.ema, unet)
             images, checks = [], {}
             for label, weights in passes.items():
-                with weights, self.autocast(), torch.no_grad():
+                with weights, self.autocast(g.device), torch.no_grad():
                     g.source = {"given": f"{self.cfg.out} step {state.step} ({label} weights, in training)"}
                     images += self.render_images(state, label)
                     checks[label] = self.run_checks(state, label)
@@ -183,6 +187,12 @@ class SampleRounds:
         publish_round(self.sinks, Path(self.cfg.out) / "metrics.jsonl", state, images, checks, seconds=seconds)
         console.info(f"samples: step {state.step}, {len(images)} images in {seconds:.1f} s → samples/{folder.name}")
         return folder
+
+    def autocast(self, device: torch.device):
+        # the run's precision, without the cast cache: it would keep a bf16 copy of every fp32 weight
+        # for the whole round (SDXL: 5.1 GB) to save re-casting them at each UNet call
+        return torch.autocast(device.type, dtype=self.precision or torch.float32, enabled=self.precision is not None,
+                              cache_enabled=False)  # fmt: skip
 
     def vae_dtype(self) -> torch.dtype:
         # as `sdxl generate` decodes: bf16 with a bf16 model, else fp32 (SDXL's VAE overflows in fp16)
@@ -223,6 +233,25 @@ class SampleRounds:
         return checks
 
 
+@contextlib.contextmanager
+def ema_weights(ema: Any, unet: torch.nn.Module):
+    """The EMA weights in the UNet for one pass; the trained ones wait in host memory and come back bit for bit.
+
+    Unlike ``EMA.swapped_into`` (a device-side clone, fine for validation's short pass) this keeps no
+    second device copy of the trainable weights (SDXL full finetune: 10.3 GB) during a round.
+    """
+    params = [p for _, p in named_trainable(unet)]
+    with torch.no_grad():
+        saved = [p.detach().to("cpu", copy=True) for p in params]
+        ema.copy_to(unet)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
 def coherence_side(width: int, height: int, multiple: int) -> int:
     """The square canvas of the same area as the sample size (the coherence check's canvases are square)."""
     return canvas_side(round(math.sqrt(width * height)), 1.0, multiple)
@@ -238,8 +267,8 @@ def build_sample_rounds(cfg: TrainConfig, *, unet: torch.nn.Module, step: Any, d
     s = cfg.samples
     black = s.checks.black if s.checks.black is not None else cfg.objective.name in BLACK_OBJECTIVES
     if not s.enabled:
-        return SampleRounds(cfg, jobs=[], generator=None, ema=ema, autocast=step.autocast, info=info, sinks=sinks,
-                            n_updates=n_updates, black=False)  # fmt: skip
+        return SampleRounds(cfg, jobs=[], generator=None, ema=ema, precision=step.autocast_dtype, info=info,
+                            sinks=sinks, n_updates=n_updates, black=False)  # fmt: skip
     size = (s.width, s.height) if s.width else most_common_bucket(dataset)
     jobs = plan_jobs(s, size=size)
     generator = training_generator(cfg, unet=unet, normalize=step.normalize, device=step.device)
@@ -249,7 +278,8 @@ def build_sample_rounds(cfg: TrainConfig, *, unet: torch.nn.Module, step: Any, d
     if info.is_main:
         encode_prompts_once(generator, cfg, jobs, text=text)
     return SampleRounds(cfg, jobs=jobs, generator=generator if info.is_main else None, ema=ema,
-                        autocast=step.autocast, info=info, sinks=sinks, n_updates=n_updates, black=black)  # fmt: skip
+                        precision=step.autocast_dtype, info=info, sinks=sinks, n_updates=n_updates,
+                        black=black)  # fmt: skip
 
 
 def training_generator(cfg: TrainConfig, *, unet: torch.nn.Module, normalize: Any, device: torch.device) -> Generator:
