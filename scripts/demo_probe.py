@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from sdxl_trainer.evaluate.black import DEFAULT_PROMPTS
-from sdxl_trainer.evaluate.checkpoint import encode_text, load_generator, unet_kwargs
-from sdxl_trainer.evaluate.generate import unet_fn
+from sdxl_trainer.evaluate.checkpoint import load_generator
+from sdxl_trainer.sampling.black import DEFAULT_PROMPTS
+from sdxl_trainer.sampling.generator import encode_text, unet_kwargs
+from sdxl_trainer.sampling.sample import unet_fn
 from sdxl_trainer.models.vae_fit import to_pixels
 
 DRAWS = 8

@@ -263,9 +263,19 @@ def train(
     force: Optional[bool] = typer.Option(None, "--force", help="Resume despite a changed batch size or objective."),
     seed: Optional[int] = typer.Option(None, help="Seed for everything random."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
+    sample_prompts: Optional[Path] = typer.Option(
+        None, "--sample-prompts", "--sample_prompts", help="File of sample prompts, one a line (kohya style: --n --w --h --d --s --l)."
+    ),
+    sample_every_n_steps: Optional[int] = typer.Option(
+        None, "--sample-every-n-steps", "--sample_every_n_steps", help="Render the sample prompts every N updates."
+    ),
+    sample_every_n_samples: Optional[int] = typer.Option(
+        None, "--sample-every-n-samples", "--sample_every_n_samples", help="Or every N samples (global)."
+    ),
+    sample_sampler: Optional[str] = typer.Option(None, "--sample-sampler", "--sample_sampler", help="As generate's --sampler."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Any config key: --set loss.gamma=5 (repeatable)."),
 ) -> None:
-    """Train on WORK/cache → RUN/ (checkpoints a diffusers pipeline, ComfyUI/A1111 file, LoRA, state)."""
+    """Train on WORK/cache → RUN/ (checkpoints a diffusers pipeline, ComfyUI/A1111 file, LoRA, state; samples/)."""
     from sdxl_trainer.train import loop as stage
 
     overrides = {
@@ -281,7 +291,9 @@ def train(
         "gradient_checkpointing": gradient_checkpointing, "compile": enable_compile, "compile_mode": compile_mode,
         "compile_scope": compile_scope, "checkpoints.every_steps": save_checkpoints, "logging.wandb": use_wandb,
         "logging.wandb_project": wandb_project, "logging.wandb_run_name": wandb_run_name, "resume": resume,
-        "force": force, "seed": seed, "device": device, **_parse_sets(set_),
+        "force": force, "seed": seed, "device": device,
+        "samples.prompts": sample_prompts, "samples.every_steps": sample_every_n_steps,
+        "samples.every_samples": sample_every_n_samples, "samples.sampler": sample_sampler, **_parse_sets(set_),
     }  # fmt: skip
     if lora and lora_rank is not None and lora_alpha is None:
         overrides["lora.alpha"] = float(lora_rank)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import datetime as _dt
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -21,7 +24,7 @@ from rich.table import Table
 T = TypeVar("T")
 
 console = Console(stderr=True)
-_state = {"quiet": False}
+_state = {"quiet": False, "live": 0}  # live: progress bars open now (rich shows one live display at a time)
 
 
 def set_quiet(quiet: bool) -> None:
@@ -45,8 +48,12 @@ class _Rate(TextColumn):
 
 @contextmanager
 def progress(description: str, total: int | None, unit: str = "it") -> Iterator[Any]:
-    """A progress bar with count, rate and ETA; yields ``advance(n=1)``. Silent under --quiet."""
-    if _state["quiet"]:
+    """A progress bar with count, rate and ETA; yields ``advance(n=1)``. Silent under --quiet.
+
+    Inside another bar (e.g. the trainer rendering samples under its own bar) it is silent too:
+    rich can show one live display at a time, and the outer bar is the one a person follows.
+    """
+    if _state["quiet"] or _state["live"]:
         yield lambda n=1: None
         return
     bar = Progress(
@@ -61,9 +68,18 @@ def progress(description: str, total: int | None, unit: str = "it") -> Iterator[
         console=console,
         transient=False,
     )
-    with bar:
+    with bar, _live():
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+@contextmanager
+def _live() -> Iterator[None]:
+    _state["live"] += 1
+    try:
+        yield
+    finally:
+        _state["live"] -= 1
 
 
 def track(items: Iterable[T], description: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
@@ -91,3 +107,71 @@ def table(title: str, rows: Iterable[Sequence[Any]], columns: Sequence[str] = ("
 def info(message: str) -> None:
     if not _state["quiet"]:
         console.print(message)
+
+
+# ── the training bar ─────────────────────────────────────────────────────────────────────────────
+
+
+def record_text(record: Mapping[str, Any]) -> str:
+    """loss, learning rate and samples/s of a training log record, as one short phrase."""
+    loss = record.get("loss")
+    lrs = list(dict.fromkeys(f"{v:.2e}" for v in (record.get("lr") or {}).values()))  # one per distinct rate
+    parts = [f"loss {loss:.4f}" if loss is not None else "loss – (skipped)", f"lr {'/'.join(lrs) or '–'}"]
+    if record.get("samples_per_s") is not None:
+        parts.append(f"{record['samples_per_s']:,.2f} samples/s")
+    return " · ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    return str(_dt.timedelta(seconds=round(max(seconds, 0.0))))
+
+
+class TrainProgress:
+    """What the training loop holds: ``advance()`` per update, ``report(record)`` per log record.
+
+    The bar (on stderr) shows the last record's loss, learning rate and samples/s. When stdout is not
+    a terminal (``sdxl train … > train.log``) each report is also one plain line there, because a
+    redirected rich bar shows nothing until it ends.
+    """
+
+    def __init__(self, bar: Progress | None, task: Any, *, total: int, done: int, plain: TextIO | None):
+        self.bar, self.task, self.total, self.plain = bar, task, total, plain
+        self.start_step, self.step, self.t0 = done, done, time.perf_counter()
+
+    def advance(self, n: int = 1) -> None:
+        self.step += n
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def report(self, record: Mapping[str, Any]) -> None:
+        text = record_text(record)
+        if self.bar is not None:
+            self.bar.update(self.task, stats=text)
+        if self.plain is not None:
+            elapsed = time.perf_counter() - self.t0
+            done = self.step - self.start_step
+            eta = elapsed / done * (self.total - self.step) if done else 0.0
+            width = len(str(self.total))
+            print(f"step {record.get('step', self.step):>{width}}/{self.total} · {text} · elapsed {_clock(elapsed)}"
+                  f" · eta {_clock(eta)}", file=self.plain, flush=True)  # fmt: skip
+
+
+@contextmanager
+def training_progress(total: int, *, done: int = 0, enabled: bool = True,
+                      plain_lines: bool | None = None) -> Iterator[TrainProgress]:  # fmt: skip
+    """The training bar: count, rate, ETA and the last log record; ``enabled=False`` (other ranks) is silent.
+
+    ``plain_lines``: also print each report as a line on stdout; None: when stdout is not a terminal.
+    """
+    show = enabled and not _state["quiet"]
+    lines = not sys.stdout.isatty() if plain_lines is None else plain_lines
+    stream = sys.stdout if lines else None
+    if not show:
+        yield TrainProgress(None, None, total=total, done=done, plain=None)
+        return
+    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), _Rate("step"), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=console,
+                   transient=False)  # fmt: skip
+    with bar, _live():
+        task = bar.add_task("train", total=total, completed=done, stats="")
+        yield TrainProgress(bar, task, total=total, done=done, plain=stream)

@@ -13,24 +13,31 @@ black; the baseline stays near mid-grey, because at σ = 14.6 the image mean sti
 noise in training, so the model learns to read the mean from its input instead of from the prompt,
 and the pure noise it starts from at inference has mean ≈ 0 (docs/diffusion.md §7, docs/demo.md).
 The control shows that the schedule, not the eps parameterisation alone, is what matters.
+
+Each run also renders samples while it trains (every SAMPLE_EVERY updates, from the untrained start
+to the end): RUN/samples/ shows black emerging for v_ztsnr and flow and not for the eps baseline,
+and DIR/samples.png puts the four runs' "black" samples side by side, one row per run.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from sdxl_trainer import console
 from sdxl_trainer.config import CacheConfig, EvaluateConfig, ScanConfig, StatsConfig, TrainConfig, WeightsConfig
 from sdxl_trainer.evaluate import report
-from sdxl_trainer.evaluate.black import black_image_metrics
 from sdxl_trainer.evaluate.checkpoint import load_generator
-from sdxl_trainer.evaluate.generate import SamplingOptions
 from sdxl_trainer.models.tiny import DEMO_BUCKETS, build_tiny_model
 from sdxl_trainer.prep import cache, scan, stats, weights
+from sdxl_trainer.sampling.black import DEFAULT_PROMPTS, black_image_metrics
+from sdxl_trainer.sampling.images import image_grid
+from sdxl_trainer.sampling.sample import SamplingOptions
 from sdxl_trainer.schema import write_json
 from sdxl_trainer.synthetic import build_synthetic_dataset
 from sdxl_trainer.train import loop
@@ -46,6 +53,10 @@ LABELS = {
 TRAIN_STEPS = 600
 BLACK_SEEDS = list(range(8))
 SAMPLING = SamplingOptions(steps=20, cfg_scale=3.0)
+# in-training samples: two prompts, one seed, few steps, every 150 updates (5 rounds of 600; ~2 s each)
+SAMPLE_PROMPTS = [DEFAULT_PROMPTS["black"], "red circle, blue background, simple shapes, no humans"]
+SAMPLE_EVERY = 150
+SAMPLE_STEPS = 8
 
 
 def demo_scan_config(data: Path, work: Path, model: Path | None = None) -> ScanConfig:
@@ -57,14 +68,21 @@ def demo_cache_config(work: Path, model: Path) -> CacheConfig:
     return CacheConfig(work=work, model=model, device="cpu", batch_size=16, flip=True)
 
 
-def demo_train_config(model: Path, work: Path, out: Path, objective: str, *, steps: int = TRAIN_STEPS) -> TrainConfig:
-    """Same start, data, length and optimiser for every objective; only the schedule/objective differs."""
+def demo_train_config(model: Path, work: Path, out: Path, objective: str, *, steps: int = TRAIN_STEPS,
+                      sample_steps: int = SAMPLE_STEPS) -> TrainConfig:  # fmt: skip
+    """Same start, data, length and optimiser for every objective; only the schedule/objective differs.
+
+    Samples (the black prompt and a shape, with the black-image check on every run, the baseline
+    included) are rendered while training; they do not change what is trained.
+    """
+    samples = {"prompts": SAMPLE_PROMPTS, "every_steps": SAMPLE_EVERY, "steps": sample_steps,
+               "cfg": SAMPLING.cfg_scale, "checks": {"black": True, "black_seeds": [0]}}  # fmt: skip
     return TrainConfig(
         model=model, work=work, out=out, objective={"name": objective}, num_steps=steps, batch_size=16,
         precision="fp32", device="cpu", seed=0, latents={"normalization": "per_channel"},
         optimizer={"learning_rate": 1e-3, "weight_decay": 0.0}, schedule={"kind": "cosine", "warmup_samples": steps * 16 // 10},
         data={"p_uncond": 0.1, "workers": 1}, logging={"every_steps": 50, "tensorboard": False},
-        checkpoints={"single_file": False, "keep_last": 1},
+        checkpoints={"single_file": False, "keep_last": 1}, samples=samples,
     )  # fmt: skip
 
 
@@ -75,6 +93,27 @@ def black_table(results: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
         rows.append((LABELS[objective], f"{b['mean']:.3f} ± {b['mean_std_across_seeds']:.3f}",
                      f"{w['mean']:.3f} ± {w['mean_std_across_seeds']:.3f}", f"{m['separation']:.3f}"))  # fmt: skip
     return rows
+
+
+def black_over_training(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, mean brightness asked for black) of every sampling round of a run, from its metrics.jsonl
+    (the last record of a step: a demo re-run into the same folder appends to it)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r["check/black/black_mean"] for r in records if "check/black/black_mean" in r}
+    return sorted(by_step.items())
+
+
+def samples_strip(runs: Path, *, image: str = "00-seed0.png", cell: int = 96) -> Image.Image:
+    """One row per run: its first sample prompt's image at every round (step 0 = the untrained model)."""
+    rows, row_labels, steps = [], [], []
+    for objective in OBJECTIVES:
+        folders = sorted((runs / objective / "samples").glob("step-*"))
+        steps = [int(f.name.removeprefix("step-")) for f in folders]
+        rows.append([Image.open(f / image).convert("RGB").resize((cell, cell), Image.Resampling.LANCZOS)
+                     for f in folders])  # fmt: skip
+        curve = black_over_training(runs / objective)
+        row_labels.append(f"{LABELS[objective]}: black {curve[0][1]:.2f} -> {curve[-1][1]:.2f}")
+    return image_grid(rows, row_labels=row_labels, col_labels=[f"step {s}" for s in steps], cell=cell)
 
 
 def run(out: Path, *, n_images: int = DEMO_IMAGES, seed: int = 0, train_steps: int = TRAIN_STEPS,
@@ -121,7 +160,8 @@ def _run(out: Path, *, n_images: int, seed: int, train_steps: int, quick: bool, 
     black: dict[str, dict[str, Any]] = {}
     for objective in OBJECTIVES:
         run_dir = out / "runs" / objective
-        cfg = demo_train_config(model, work, run_dir, objective, steps=train_steps)
+        cfg = demo_train_config(model, work, run_dir, objective, steps=train_steps,
+                                sample_steps=4 if quick else SAMPLE_STEPS)  # fmt: skip
         stage(f"train {objective}", lambda: loop.run(cfg))
         g = load_generator(run_dir, device="cpu", dtype="fp32")
         black[objective] = stage(f"black image {objective}",
@@ -129,12 +169,17 @@ def _run(out: Path, *, n_images: int, seed: int, train_steps: int, quick: bool, 
     stage("evaluate v_ztsnr", lambda: report.run(EvaluateConfig(
         checkpoint=out / "runs" / "v_ztsnr", out=out / "report", steps=sampling.steps, cfg_scale=sampling.cfg_scale,
         seeds=seeds[:4], coherence_seeds=[0, 1], density_samples=20_000, device="cpu", dtype="fp32", checks=checks)))  # fmt: skip
+    samples_strip(out / "runs").save(out / "samples.png")
     timings["total"] = time.perf_counter() - start
     result = {"timings": timings, "black": black, "quick": quick, "train_steps": train_steps, "seeds": seeds,
-              "threads": threads,
+              "threads": threads, "black_over_training": {o: black_over_training(out / "runs" / o) for o in OBJECTIVES},
               "sampling": {"steps": sampling.steps, "cfg_scale": sampling.cfg_scale}}  # fmt: skip
     write_json(result, out / "demo.json", artifact="demo", config={"n_images": n_images, "seed": seed})
     console.table(f"black-image test: mean brightness over {len(seeds)} seeds ± its spread (0 black, 1 white)",
                   black_table(black), ("model", "asked for black", "asked for white", "separation"))  # fmt: skip
+    curves = result["black_over_training"]
+    console.table("asked for black while training (in-training samples, seed 0; DIR/samples.png)",
+                  [(LABELS[o], *(f"{v:.3f}" for _, v in c)) for o, c in curves.items()],
+                  ("model", *(f"step {s}" for s, _ in curves["eps"])))  # fmt: skip
     console.table("sdxl demo", [(k, f"{v:.1f} s") for k, v in timings.items()], ("stage", "time"))
     return result

@@ -21,9 +21,13 @@ ALLOWED = {
     "synthetic": {"errors"},
     "cache_format": {"schema", "errors"},
     "models": {"errors", "schema", "config", "console", "synthetic"},
+    # the sampling core: below both train (in-training samples) and evaluate (generate, report), so an
+    # image rendered while training runs the very code `sdxl generate` runs, without train → evaluate
+    "sampling": {"errors", "console", "models", "diffusion"},
     "prep": {"errors", "schema", "config", "console", "models", "diffusion", "cache_format", "dist", "caption_variants"},
-    "train": {"errors", "schema", "config", "console", "models", "diffusion", "cache_format", "dist", "caption_variants"},
-    "evaluate": {"errors", "schema", "config", "console", "models", "diffusion", "train"},
+    "train": {"errors", "schema", "config", "console", "models", "diffusion", "cache_format", "dist", "caption_variants",
+              "sampling"},
+    "evaluate": {"errors", "schema", "config", "console", "models", "diffusion", "train", "sampling"},
 }
 THIRD_PARTY_FORBIDDEN = {"diffusion": {"diffusers", "transformers", "peft", "pyarrow", "datasets", "PIL"}}
 

@@ -21,11 +21,11 @@ from sdxl_trainer.diffusion import (
 )
 from sdxl_trainer.evaluate import report
 from sdxl_trainer.evaluate.artifacts import read_csv
-from sdxl_trainer.evaluate.black import black_image_metrics, brightness
 from sdxl_trainer.evaluate.checkpoint import load_generator
-from sdxl_trainer.evaluate.coherence import canvas_side, layout_error, low_frequency, start_options
-from sdxl_trainer.evaluate.generate import SamplingOptions
-from sdxl_trainer.evaluate.progressive import frame_steps
+from sdxl_trainer.sampling.black import black_image_metrics, brightness
+from sdxl_trainer.sampling.coherence import canvas_side, layout_error, low_frequency, start_options
+from sdxl_trainer.sampling.progressive import frame_steps
+from sdxl_trainer.sampling.sample import SamplingOptions
 from sdxl_trainer.evaluate.schedules import density, mean_fraction_rows, sampling_rows
 from sdxl_trainer.models.export import save_diffusers_pipeline
 from sdxl_trainer.models.loading import load_pipeline_parts

@@ -15,8 +15,9 @@ from sdxl_trainer.config import GenerateConfig
 from sdxl_trainer.diffusion import flow_times, karras_sigmas, sdxl_sigmas
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.evaluate import generate
-from sdxl_trainer.evaluate.checkpoint import decode_latents, load_generator
-from sdxl_trainer.evaluate.generate import SamplingOptions, sample_latents, sampling_sigmas
+from sdxl_trainer.evaluate.checkpoint import load_generator
+from sdxl_trainer.sampling.generator import decode_latents
+from sdxl_trainer.sampling.sample import SamplingOptions, sample_latents, sampling_sigmas
 from sdxl_trainer.evaluate.source import resolve_checkpoint
 from sdxl_trainer.models.export import save_diffusers_pipeline, save_single_file
 from sdxl_trainer.models.lora import add_lora, merged_unet, save_lora_diffusers, save_lora_kohya

@@ -17,6 +17,7 @@ from sdxl_trainer.config.prep import (
     StatsConfig,
     WeightsConfig,
 )
+from sdxl_trainer.config.samples import SampleChecksSection, SamplesSection
 from sdxl_trainer.config.train import (
     CheckpointSection,
     EMASection,
@@ -36,6 +37,6 @@ __all__ = [
     "DEFAULT_IGNORE_PREFIXES", "DEFAULT_IGNORE_TAGS", "BucketConfig", "CacheConfig",
     "CaptionVariantsConfig", "CheckpointSection", "EMASection", "EvaluateConfig", "GenerateConfig", "LatentSection",
     "LoggingSection", "LoraSection", "LossSection", "ObjectiveSection", "OptimizerSection", "Precision",
-    "SamplingSection", "ScanConfig", "ScheduleSection", "Section", "StatsConfig", "TrainConfig", "TrainDataSection",
+    "SampleChecksSection", "SamplesSection", "SamplingSection", "ScanConfig", "ScheduleSection", "Section", "StatsConfig", "TrainConfig", "TrainDataSection",
     "ValidationSection", "WeightsConfig", "dump_config", "load_config", "read_config_file",
 ]  # fmt: skip

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from sdxl_trainer.config.base import Precision, Section
 from sdxl_trainer.config.prep import CaptionVariantsConfig
+from sdxl_trainer.config.samples import SamplesSection
 
 
 # One section per component (torchtitan style); the trainer turns each into callables once, at
@@ -200,6 +201,7 @@ class TrainConfig(Section):
     text: TextSection = Field(default_factory=TextSection)
     validation: ValidationSection = Field(default_factory=ValidationSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    samples: SamplesSection = Field(default_factory=SamplesSection)
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":

@@ -1,21 +1,19 @@
-"""A checkpoint loaded and ready to sample: the :class:`Generator`.
+"""A checkpoint on disk loaded and ready to sample: :func:`load_generator` → :class:`Generator`.
 
 :func:`load_generator` resolves the path (source.py), loads the UNet, VAE, tokenizers and text
 encoders, optionally merges a LoRA, and builds the objective from the checkpoint's own record —
-objective, σ_max, flow shift, latent normalisation — so nobody has to pass them. :func:`encode_text`
-and :func:`decode_latents` are the two ends every sampler run needs.
+objective, σ_max, flow shift, latent normalisation — so nobody has to pass them. The Generator and
+what samples with it (text encoding, decoding) are the sampling core's (sampling/generator.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sdxl_trainer import console
-from sdxl_trainer.diffusion import Objective, build_objective
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.evaluate.lora_merge import merge_lora
 from sdxl_trainer.evaluate.source import (
@@ -26,61 +24,9 @@ from sdxl_trainer.evaluate.source import (
     vae_config_of,
 )
 from sdxl_trainer.models.loading import load_pipeline_parts, load_scheduler_config, quiet_hf, resolve_dtype
-from sdxl_trainer.models.text import count_chunks, encode_prompts
+from sdxl_trainer.sampling.generator import Generator, geometry, latent_affine, objective_from_info
 
-GUIDANCE_SPACE = {"eps": "eps", "v": "v", "flow": "flow"}  # objective.prediction → CFG-rescale space
 PART_NAMES = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-
-
-@dataclass
-class Generator:
-    """Everything needed to turn prompts into images with the diffusion core's samplers."""
-
-    unet: Any
-    vae: Any
-    tokenizer: Any
-    tokenizer_2: Any
-    text_encoder: Any
-    text_encoder_2: Any
-    objective: Objective  # its table ends at the trained σ_max (flow: t = 1)
-    info: dict  # the export info: objective, sigma_max, flow_shift, latent_normalization, origin
-    latent_shift: torch.Tensor  # (C,): z_raw = z/scale + shift
-    latent_scale: torch.Tensor  # (C,)
-    base_resolution: int  # the side the UNet was built for (sample_size × VAE factor)
-    side_multiple: int  # image sides must be multiples of this (VAE factor × UNet downsampling)
-    vae_factor: int  # pixels per latent position along a side (SDXL: 8)
-    device: torch.device
-    dtype: torch.dtype
-    source: dict = field(default_factory=dict)
-
-    @property
-    def flow_shift(self) -> float | None:
-        """The shift the flow model was trained with (None for the σ-space objectives)."""
-        return self.info.get("flow_shift") if self.objective.prediction == "flow" else None
-
-    @property
-    def guidance_space(self) -> str:
-        return GUIDANCE_SPACE[self.objective.prediction]
-
-
-def objective_from_info(info: dict) -> Objective:
-    """The :class:`Objective` of an export info, with the σ_max (and table form) the model was trained on."""
-    name = info["objective"]
-    trained = ((info.get("config") or {}).get("objective")) or {}
-    if name == "flow":
-        return build_objective("flow")
-    if name == "v_ztsnr":
-        return build_objective(name, sigma_max=info.get("sigma_max"), ztsnr_rescale=trained.get("ztsnr_rescale", True))
-    return build_objective(name, sigma_max=trained.get("sigma_max"))
-
-
-def latent_affine(norm: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shift, scale) with z = (z_raw − shift)·scale: per-channel (mean, 1/std) or (0, scaling_factor)."""
-    if norm["kind"] == "per_channel":
-        return torch.tensor(norm["mean"], dtype=torch.float32), 1.0 / torch.tensor(norm["std"], dtype=torch.float32)
-    if norm["kind"] == "scaling_factor":
-        return torch.zeros(4), torch.full((4,), float(norm["scaling_factor"]))
-    raise UserError(f"unknown latent normalisation {norm['kind']!r}", fix="re-export the checkpoint")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -141,13 +87,6 @@ def _load_parts(source: CheckpointSource, config_dir: Path | None, dtype: torch.
     return {n: getattr(loaded, n) for n in PART_NAMES}
 
 
-def _geometry(unet, vae) -> dict[str, int]:
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
-    return {"base_resolution": int(unet.config.sample_size) * vae_factor, "side_multiple": vae_factor * unet_factor,
-            "vae_factor": vae_factor}  # fmt: skip
-
-
 def load_generator(
     path: Path | str,
     *,
@@ -178,45 +117,7 @@ def load_generator(
     console.info(f"loaded {source.kind} {source.path} ({info['objective']}; settings from {info.get('origin')})")
     return Generator(
         **parts, objective=objective_from_info(info).to(dev), info=info, latent_shift=shift.to(dev),
-        latent_scale=scale.to(dev), **_geometry(parts["unet"], parts["vae"]), device=dev, dtype=dt,
+        latent_scale=scale.to(dev), **geometry(unet_config=parts["unet"].config, vae_config=parts["vae"].config),
+        device=dev, dtype=dt,
         source=described,
     )  # fmt: skip
-
-
-@torch.no_grad()
-def encode_text(generator: Generator, prompts: list[str], negatives: list[str], *, max_chunks: int = 3):
-    """(cond, uncond) UNet kwargs for each prompt/negative pair, both at the same chunk count.
-
-    The negative is encoded like any prompt (the empty prompt by default), as the trainer's
-    unconditional dropout feeds the encoded empty prompt, not zeros.
-    """
-    g = generator
-    n = max(count_chunks(g.tokenizer, t, max_chunks=max_chunks) for t in [*prompts, *negatives])
-    out = []
-    for texts in (prompts, negatives):
-        hidden, pooled = encode_prompts(g.tokenizer, g.tokenizer_2, g.text_encoder, g.text_encoder_2, texts,
-                                        max_chunks=max_chunks, n_chunks=n, device=g.device)  # fmt: skip
-        out.append((hidden.to(g.dtype), pooled.to(g.dtype)))
-    return out[0], out[1]
-
-
-def unet_kwargs(hidden: torch.Tensor, pooled: torch.Tensor, *, height: int, width: int) -> dict:
-    """SDXL's conditioning: text states, pooled text and time ids (h, w, 0, 0, h, w) — an uncropped image.
-
-    The time ids stay fp32, as in training: the UNet embeds them in fp32, and bf16 cannot hold e.g. 1017.
-    """
-    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=hidden.device)
-    return {
-        "encoder_hidden_states": hidden,
-        "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.expand(hidden.shape[0], -1)},
-    }
-
-
-@torch.no_grad()
-def decode_latents(generator: Generator, z: torch.Tensor) -> torch.Tensor:
-    """Normalised latents → RGB in [0, 1] (B, 3, H, W), fp32: z_raw = z/scale + shift, then the VAE."""
-    g = generator
-    view = (1, -1, 1, 1)
-    raw = z.float().to(g.device) / g.latent_scale.view(view) + g.latent_shift.view(view)
-    pixels = g.vae.decode(raw.to(next(g.vae.parameters()).dtype)).sample.float()
-    return ((pixels + 1) / 2).clamp(0, 1)

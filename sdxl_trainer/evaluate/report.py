@@ -12,12 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from sdxl_trainer import console
-from sdxl_trainer.evaluate.black import TARGETS, black_image_check, write_black_artifacts
-from sdxl_trainer.evaluate.checkpoint import Generator, load_generator
-from sdxl_trainer.evaluate.coherence import coherence_check, write_coherence_artifacts
-from sdxl_trainer.evaluate.generate import SamplingOptions, options_from_config, pick_sampler, sampling_sigmas
-from sdxl_trainer.evaluate.progressive import progressive_check, write_progressive_artifacts
+from sdxl_trainer.evaluate.black import write_black_artifacts
+from sdxl_trainer.evaluate.checkpoint import load_generator
+from sdxl_trainer.evaluate.coherence import write_coherence_artifacts
+from sdxl_trainer.evaluate.generate import options_from_config
+from sdxl_trainer.evaluate.progressive import write_progressive_artifacts
 from sdxl_trainer.evaluate.schedules import schedules_check, write_schedule_artifacts
+from sdxl_trainer.sampling.black import TARGETS, black_image_check
+from sdxl_trainer.sampling.coherence import coherence_check
+from sdxl_trainer.sampling.generator import Generator
+from sdxl_trainer.sampling.progressive import progressive_check
+from sdxl_trainer.sampling.sample import SamplingOptions, pick_sampler, sampling_sigmas
 from sdxl_trainer.schema import write_json
 
 METRICS_ARTIFACT = "evaluate_metrics"

@@ -33,8 +33,8 @@ from sdxl_trainer.diffusion import (
     sigma_max_for_resolution,
 )
 from sdxl_trainer.evaluate.artifacts import finite, new_figure, save_figure, write_csv
-from sdxl_trainer.evaluate.checkpoint import Generator
-from sdxl_trainer.evaluate.generate import sampling_sigmas
+from sdxl_trainer.sampling.generator import Generator
+from sdxl_trainer.sampling.sample import sampling_sigmas
 
 FLOW_SHIFTS = (1.0, 3.0, 6.0)
 SCHEDULE_COLUMNS = ("schedule", "t", "level", "sigma", "log_snr")

@@ -9,7 +9,7 @@ lr_schedule.py); this file wires them in the order a reader expects:
   4. optimiser, learning-rate schedule (counted in samples), EMA
   5. the step, built once from the config (objective, weights, precision)
   6. resume: every piece's state from the checkpoint
-  7. the loop: k micro-batches → one update → log → checkpoint
+  7. the loop: k micro-batches → one update → log → samples → checkpoint
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from sdxl_trainer.train.loader import CacheLoader
 from sdxl_trainer.train.ema import EMA
 from sdxl_trainer.train.lr_schedule import LRSchedule
 from sdxl_trainer.train.optim import build_optimizer, param_groups
+from sdxl_trainer.train.samples import build_sample_rounds
 from sdxl_trainer.train.state import TrainState
 from sdxl_trainer.train.step import StepResult, TrainStep, build_latent_norm, build_train_step, validation_levels
 from sdxl_trainer.train.text_mode import TextMode, build_text_mode
@@ -348,6 +349,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         exports["latents"] = {"latents_mean": step.normalize.shift.tolist(),
                               "latents_std": (1.0 / step.normalize.scale).tolist()}  # fmt: skip
 
+    # in-training samples (samples.py): every setting checked and the prompts encoded now, before any update
+    samples = build_sample_rounds(cfg, unet=unet, step=step, dataset=dataset, ema=ema, text=text, info=info,
+                                  sinks=sinks, n_updates=n_updates)  # fmt: skip
+
     # 6. resume: weights, optimiser, schedule, data position, EMA, counters
     if cfg.resume:
         folder = resume(cfg, parts)
@@ -364,8 +369,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     metrics, last_ckpt, record = out / "metrics.jsonl", None, {}
     stream, window = batch_stream(loader), Window(device)
     try:
-        with console.progress("train", total=n_updates, unit="step") as advance:
-            advance(state.step)
+        with console.training_progress(n_updates, done=state.step, enabled=info.is_main) as bar:
+            window.t0 += samples.baseline(state)  # the untrained model's images; rounds are not training time
             while state.step < n_updates:
                 micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
                 reseed(generator, seed=cfg.seed, rank=info.rank, step=state.step)  # resume-exact randomness
@@ -375,12 +380,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 schedule.step(state.samples_seen + global_batch)  # the rate of an update includes its batch
                 result = step.update(model, micro, optimizer=optimizer, generator=generator, state=state,
                                      params=trainable, ema=ema, ema_source=unet)  # fmt: skip
-                advance(1)
+                bar.advance()
                 window.add(result)
                 if result.skipped:
                     on_skip(cfg, parts, info, exports)
                 val_now = val_loader is not None and state.step % cfg.validation.every_steps == 0
-                if val_now or state.step % cfg.logging.every_steps == 0 or state.step == n_updates:
+                # step 1 too: a run logged to a file shows its loss and speed from the first update
+                if val_now or state.step % cfg.logging.every_steps == 0 or state.step in (1, n_updates):
                     record = window.flush(state, info, global_batch=global_batch, lr=schedule.lrs(),
                                           epoch=sampler.epoch)  # fmt: skip
                     if val_now:
@@ -389,6 +395,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     if info.is_main:
                         log_line(metrics, record)
                         emit(sinks, record)
+                        bar.report(record)
+                window.t0 += samples.after_update(state, samples_before)  # when due: rank 0 renders, others wait
                 if checkpoint_due(cfg, state, samples_before) or state.step == n_updates:
                     if info.is_main:
                         last_ckpt = save_checkpoint(cfg, parts, exports=exports)
