@@ -63,3 +63,13 @@ def tiny_work(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, sy
 def parts(tiny_model_dir: Path):
     """Every part of the tiny model, loaded fresh for each test module (modules may change them)."""
     return load_pipeline_parts(tiny_model_dir)
+
+
+@pytest.fixture(autouse=True)
+def _console_not_quiet():
+    """`sdxl --quiet …` through the CLI runner sets the console's module-wide quiet flag; without a
+    reset it leaks into every later test that reads the console's output."""
+    from sdxl_trainer import console
+
+    yield
+    console.set_quiet(False)
