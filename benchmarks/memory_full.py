@@ -192,40 +192,6 @@ def _fake_module_to():
     return mock.patch.object(torch.nn.Module, "to", to)
 
 
-def random_unet_loader(config: dict):
-    """Stands in for ``loop.load_unet``: fresh random weights, created directly in the asked dtype (no
-    transient fp32 copy; and ``Module.to`` cannot convert fake parameters)."""
-    from diffusers import UNet2DConditionModel
-
-    def load(model_dir, *, dtype=torch.float32, device="cpu"):
-        before = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                return UNet2DConditionModel.from_config(config)
-        finally:
-            torch.set_default_dtype(before)
-
-    return load
-
-
-def _same_place_to_is_a_no_op():
-    """fake mode: ``Module.to`` cannot swap fake parameters (torch refuses: they carry weak references),
-    so a move to where every tensor already is (peft does that for each new adapter) returns the module
-    untouched; a real conversion still goes through (and fails loudly)."""
-    real_to = torch.nn.Module.to
-
-    def to(self, *args, **kwargs):
-        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-        tensors = [*self.parameters(), *self.buffers()]
-        if all((device is None or t.device == torch.device(device)) and (dtype is None or t.dtype == dtype
-               or not t.is_floating_point()) for t in tensors):  # fmt: skip
-            return self
-        return real_to(self, *args, **kwargs)
-
-    return mock.patch.object(torch.nn.Module, "to", to)
-
-
 class _AllFinite:
     """What ``torch.isfinite`` answers for a fake tensor: true, however it is combined or reduced."""
 
