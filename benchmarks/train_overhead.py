@@ -112,6 +112,9 @@ def run_trainer(model: Path, work: Path, args: argparse.Namespace) -> dict:
     write_line = loop.log_line
 
     def log_and_mark(path: Path, record: dict) -> None:
+        if record["step"] % args.log_every:  # the loop also logs step 1: not a window's end
+            write_line(path, record)
+            return
         marks.append({"step": record["step"], "samples": record["samples"], "wall": time.perf_counter(),
                       "cpu": time.process_time(), "reported": record["samples_per_s"]})  # fmt: skip
         write_line(path, record)
