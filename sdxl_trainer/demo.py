@@ -115,7 +115,8 @@ def samples_strip(runs: Path, *, image: str = "00-seed0.png", cell: int = 96) ->
         rows.append([Image.open(f / image).convert("RGB").resize((cell, cell), Image.Resampling.LANCZOS)
                      for f in folders])  # fmt: skip
         curve = black_over_training(runs / objective)
-        row_labels.append(f"{LABELS[objective]}: black {curve[0][1]:.2f} -> {curve[-1][1]:.2f}")
+        label = LABELS[objective].replace("σ", "sigma")  # PIL's default font has ASCII only
+        row_labels.append(f"{label}: black {curve[0][1]:.2f} -> {curve[-1][1]:.2f}")
     return image_grid(rows, row_labels=row_labels, col_labels=[f"step {s}" for s in steps], cell=cell)
 
 
