@@ -6,6 +6,11 @@ trained, get their own learning rate (they are usually trained 2–10× slower t
 all). Each group carries a ``name`` and its ``base_lr``: the LR schedule scales ``base_lr`` into
 ``lr`` every step, and both are saved with the optimiser's state, so a resumed run continues with
 the learning rates it had.
+
+Full finetunes can trade the library optimisers for :class:`~sdxl_trainer.train.paramwise_optim.
+ParamwiseOptimizer` (AdamW or Adafactor, the same math one parameter at a time): needed for bf16
+weights (stochastic rounding, fp32 state) and for the optimiser step inside backward
+(:class:`~sdxl_trainer.train.fused_backward.FusedBackwardOptimizer`). See docs/memory.md.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import torch
 from torch import nn
 
 from sdxl_trainer.errors import UserError
+from sdxl_trainer.train.fused_backward import FusedBackwardOptimizer
+from sdxl_trainer.train.paramwise_optim import PARAMWISE, ParamwiseOptimizer
 
 OptimizerName = Literal["adamw", "adamw8bit", "adafactor"]
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
@@ -95,6 +102,9 @@ def build_optimizer(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    fused_backward_pass: bool = False,
+    bf16_weights: bool = False,
+    seed: int = 0,
 ) -> torch.optim.Optimizer:
     """An optimiser over ``groups`` (per-group ``lr``/``weight_decay`` win over the defaults here).
 
@@ -104,6 +114,11 @@ def build_optimizer(
     - ``adafactor``: ``transformers.optimization.Adafactor`` with a fixed, scheduled ``lr``
       (``relative_step=False, scale_parameter=False``) and no first moment (``beta1=None``), which is
       what makes it small; ``betas`` and ``eps`` are AdamW's and Adafactor keeps its own defaults.
+
+    ``fused_backward_pass`` (a :class:`FusedBackwardOptimizer`: hooks on every parameter, stepped by
+    ``TrainStep`` inside backward) or ``bf16_weights`` (every parameter bf16, updates stochastically
+    rounded from ``seed``; a :class:`ParamwiseOptimizer`) take AdamW or Adafactor, computed the same
+    way as the library ones.
     """
     if name not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {name!r}", where="optimizer.name", fix=f"use one of {', '.join(OPTIMIZERS)}")
@@ -115,6 +130,13 @@ def build_optimizer(
     for g in groups:
         g.setdefault("base_lr", g.get("lr", lr))
     betas = tuple(betas)
+    _check_weight_dtypes(groups, bf16_weights=bf16_weights)
+    if fused_backward_pass or bf16_weights:
+        if name not in PARAMWISE:
+            raise UserError(f"optimizer {name} has no per-parameter version for fused_backward_pass / bf16_weights",
+                            where="optimizer.name", fix=f"use one of {', '.join(PARAMWISE)}")  # fmt: skip
+        cls = FusedBackwardOptimizer if fused_backward_pass else ParamwiseOptimizer
+        return cls(groups, name=name, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, seed=seed)
     if name == "adamw":
         fused = _on_cuda(groups)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
@@ -128,6 +150,19 @@ def build_optimizer(
     return Adafactor(
         groups, lr=lr, weight_decay=weight_decay, relative_step=False, scale_parameter=False, warmup_init=False
     )
+
+
+def _check_weight_dtypes(groups: Sequence[dict[str, Any]], *, bf16_weights: bool) -> None:
+    """bf16 trained weights only with bf16_weights: a library optimiser would round them to nearest,
+    which drops every update below half a bf16 step (most of them), and keep its state in bf16."""
+    dtypes = {p.dtype for g in groups for p in g["params"]}
+    if bf16_weights and dtypes != {torch.bfloat16}:
+        raise UserError(f"optimizer.bf16_weights needs bf16 trained weights, got {sorted(map(str, dtypes))}",
+                        where="optimizer.bf16_weights", fix="build the UNet with loop.build_unet from the same "
+                        "config (it loads bf16 weights), and do not train the text encoders")  # fmt: skip
+    if not bf16_weights and torch.bfloat16 in dtypes:
+        raise UserError("bf16 trained weights need optimizer.bf16_weights (stochastic rounding, fp32 state)",
+                        where="optimizer.bf16_weights", fix="set optimizer.bf16_weights: true, or train fp32 weights")
 
 
 def _import_bitsandbytes_optim() -> Any:

@@ -4,12 +4,15 @@ Per micro-batch: normalise the cached latents, draw a level (σ, or t for flow) 
 UNet input and target with the objective, run the UNet under autocast with SDXL's added conditioning
 (pooled text embedding + micro-conditioning time ids), weight the per-sample MSE (min-SNR × tag
 weight), and back-propagate loss/k. After k micro-batches: unscale (fp16), measure the gradient norm
-and clip, then step — or skip the whole update when the loss or the gradient is not finite.
+and clip, then step — or skip the whole update when the loss or the gradient is not finite. With the
+optimiser step fused into backward (train/fused_backward.py) there is one micro-batch, a non-finite
+loss skips the backward, and the optimiser clips and steps each parameter while backward runs.
 
 Everything configurable is fixed when :func:`build_train_step` runs; the step reads no config.
 Host synchronisation: none per micro-batch; one boolean read per update, the skip decision (the
 optimiser call itself cannot be made conditional on a device tensor for every optimiser, and the
-caller needs the answer anyway to count consecutive skips and to gate the EMA).
+caller needs the answer anyway to count consecutive skips and to gate the EMA). Fused: two, the
+loss's finiteness before backward and the gradients' after it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from sdxl_trainer.diffusion import (
 )
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.schema import read_json
+from sdxl_trainer.train.fused_backward import FusedBackwardOptimizer, check_fused_backward
 from sdxl_trainer.train.state import TrainState
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -133,6 +137,7 @@ class TrainStep:
     rank: int
     scaler: Any  # torch.amp.GradScaler for fp16, else None; its state_dict belongs in the checkpoint
     text: Any = None  # train.text_mode.TextMode: encode batch["prompts"] each step instead of the cached text
+    fused_backward: bool = False  # the optimiser steps inside backward (a FusedBackwardOptimizer; one micro-batch)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
@@ -227,6 +232,9 @@ class TrainStep:
         """
         if len(micro_batches) != self.grad_accum:
             raise ValueError(f"expected {self.grad_accum} micro-batches, got {len(micro_batches)}")
+        if self.fused_backward:
+            return self._fused_update(model, micro_batches[0], optimizer=optimizer, generator=generator, state=state,
+                                      ema=ema, ema_source=ema_source)  # fmt: skip
         params = self.trainable_parameters(model) if params is None else params
         total = torch.zeros((), device=self.device)
         samples = 0
@@ -267,6 +275,28 @@ class TrainStep:
         if self.text is not None:  # trained text encoders: clipped together with the UNet
             params += self.text.trained_parameters()
         return params
+
+    def _fused_update(self, model: nn.Module, batch: Mapping[str, Any], *, optimizer: torch.optim.Optimizer,
+                      generator: torch.Generator, state: TrainState, ema: Any, ema_source: nn.Module | None) -> StepResult:  # fmt: skip
+        """One micro-batch; its backward clips and steps each parameter (train/fused_backward.py).
+
+        A non-finite loss is known before backward: the backward is skipped and nothing moves. A
+        non-finite gradient leaves its parameter as it was while the others take their update,
+        and the update counts as skipped.
+        """
+        if not isinstance(optimizer, FusedBackwardOptimizer):
+            raise ValueError("a fused-backward step needs build_optimizer(..., fused_backward_pass=True)")
+        loss = self.loss(model, batch, generator=generator)
+        grad_norm = torch.full((), float("nan"), device=self.device)
+        skipped = not bool(torch.isfinite(loss))  # host read 1
+        if not skipped:
+            grad_norm, finite = optimizer.backward(loss, max_grad_norm=self.max_grad_norm)  # host read 2
+            skipped = not finite
+        optimizer.zero_grad(set_to_none=True)  # nothing left after a fused backward; a skipped one made none
+        state.record(samples=int(batch["latents"].shape[0]), skipped=skipped)
+        if ema is not None and not skipped:
+            ema.update(ema_source if ema_source is not None else model, step=state.updates)
+        return StepResult(loss.detach(), grad_norm.detach(), skipped)
 
     def _unscale_and_clip(self, params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer) -> torch.Tensor:
         if self.scaler is not None:
@@ -310,13 +340,16 @@ def build_train_step(
     world_size: int = 1,
     rank: int = 0,
     text: Any = None,
+    fused_backward: bool = False,
 ) -> TrainStep:
     """Check every option once and fix the step's callables.
 
     objective: "eps" | "v" | "v_ztsnr" | "flow" (or a built Objective); precision: "fp32" | "bf16" |
     "fp16" (autocast; the weights stay fp32, fp16 adds a GradScaler); level_options: keyword
     arguments of `build_level_sampler` (t_min, t_max, terminal_oversample, shift, logit_std); text:
-    a train.text_mode.TextMode for on-the-fly text (None: the batch's cached embeddings).
+    a train.text_mode.TextMode for on-the-fly text (None: the batch's cached embeddings);
+    fused_backward: the optimiser (a FusedBackwardOptimizer) steps inside backward, one micro-batch,
+    no fp16, one process.
     """
     device = torch.device(device)
     if precision not in PRECISIONS:
@@ -326,6 +359,8 @@ def build_train_step(
                         f"({world_size})")  # fmt: skip
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise UserError(f"max_grad_norm {max_grad_norm} must be > 0 (or unset: no clipping)")
+    if fused_backward:
+        check_fused_backward(grad_accum=grad_accum, precision=precision, world_size=world_size)
     try:
         obj = build_objective(objective, sigma_max=sigma_max) if isinstance(objective, str) else objective
         obj = obj.to(device)
@@ -339,4 +374,4 @@ def build_train_step(
     return TrainStep(objective=obj, sample_level=sample_level, sample_noise=sample_noise, loss_weight=loss_weight,
                      normalize=normalize.to(device), device=device, autocast_dtype=dtype, grad_accum=grad_accum,
                      max_grad_norm=max_grad_norm, use_tag_weights=use_tag_weights, world_size=world_size, rank=rank,
-                     scaler=scaler, text=text)  # fmt: skip
+                     scaler=scaler, text=text, fused_backward=fused_backward)  # fmt: skip
