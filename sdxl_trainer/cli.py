@@ -246,6 +246,15 @@ def train(
     num_steps: Optional[int] = typer.Option(None, "--num-steps", "--num_steps", help="Run length in updates."),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", "--num_samples", help="Run length in samples."),
     use_adafactor: bool = typer.Option(False, "--use-adafactor", "--use_adafactor", help="Same as --optimizer adafactor."),
+    fused_backward_pass: Optional[bool] = typer.Option(
+        None, "--fused-backward-pass", "--fused_backward_pass",
+        help="Full finetune: step each parameter inside backward and free its gradient at once (docs/memory.md).",
+    ),
+    bf16_weights: Optional[bool] = typer.Option(
+        None, "--bf16-weights", "--bf16_weights",
+        help="Full finetune: keep the trained weights in bf16 with no fp32 master copy; every update is "
+        "stochastically rounded.",
+    ),
     precision: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (weights stay fp32)."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     enable_compile: Optional[bool] = typer.Option(None, "--enable-compile", "--enable_compile", help="torch.compile the UNet."),
@@ -286,6 +295,7 @@ def train(
         "lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.fp8_base": fp8_base, "ema.enabled": ema,
         "ema.decay": ema_decay,
         "optimizer.name": "adafactor" if use_adafactor else optimizer, "optimizer.learning_rate": learning_rate,
+        "optimizer.fused_backward_pass": fused_backward_pass, "optimizer.bf16_weights": bf16_weights,
         "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
         "num_epochs": num_epochs, "num_steps": num_steps, "num_samples": num_samples, "precision": precision,
         "gradient_checkpointing": gradient_checkpointing, "compile": enable_compile, "compile_mode": compile_mode,

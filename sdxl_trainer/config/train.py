@@ -95,6 +95,12 @@ class OptimizerSection(Section):
     betas: tuple[float, float] = Field((0.9, 0.999))
     eps: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the total gradient norm; unset = no clipping")
+    fused_backward_pass: bool = Field(
+        False, description="full finetune: step each parameter inside backward and free its gradient at once "
+        "(adamw/adafactor; clips per parameter; no accumulation, fp16 or torchrun) — docs/memory.md")
+    bf16_weights: bool = Field(
+        False, description="full finetune: keep the trained weights in bf16 with no fp32 master copy; every update "
+        "is stochastically rounded")
 
 
 class ScheduleSection(Section):
@@ -116,7 +122,7 @@ class CheckpointSection(Section):
     keep_last: int = Field(3, ge=0, description="checkpoints kept (0 = all)")
     diffusers: bool = Field(True, description="a StableDiffusionXLPipeline folder in each checkpoint")
     single_file: bool = Field(True, description="an original-layout .safetensors (ComfyUI, A1111)")
-    dtype: Precision = Field("fp16", description="dtype of the exported weights (training state stays fp32)")
+    dtype: Precision = Field("fp16", description="dtype of the exported weights (training state keeps the trained dtype)")
     export_ema: bool = Field(True, description="with EMA on, export the EMA weights (resume state keeps the raw ones)")
 
     @model_validator(mode="after")
@@ -222,4 +228,27 @@ class TrainConfig(Section):
             raise ValueError("text.train_encoders needs optimizer.text_encoder_lr (often 2–10× below the UNet's)")
         if self.text.train_encoders and self.lora.enabled:
             raise ValueError("text.train_encoders with lora.enabled is not supported yet: train the full UNet")
+        return self
+
+    @model_validator(mode="after")
+    def _memory_savers(self) -> "TrainConfig":
+        """optimizer.fused_backward_pass and bf16_weights: what each one can be combined with (docs/memory.md)."""
+        o = self.optimizer
+        for key in [k for k in ("fused_backward_pass", "bf16_weights") if getattr(o, k)]:
+            if self.lora.enabled:
+                raise ValueError(f"optimizer.{key} is for full finetunes; a LoRA's trained weights and gradients are "
+                                 "small already: turn it off, or train the full UNet (lora.enabled: false)")  # fmt: skip
+            if o.name == "adamw8bit":
+                raise ValueError(f"optimizer.{key} works with adamw or adafactor, not adamw8bit")
+            if self.text.train_encoders:
+                raise ValueError(f"optimizer.{key} with text.train_encoders is not supported yet: freeze the encoders")
+        if o.fused_backward_pass and self.gradient_accumulation_steps > 1:
+            raise ValueError("optimizer.fused_backward_pass frees each gradient as soon as it is applied, so it "
+                             "cannot accumulate: set gradient_accumulation_steps: 1 (raise batch_size instead)")  # fmt: skip
+        if o.fused_backward_pass and self.precision == "fp16":
+            raise ValueError("optimizer.fused_backward_pass cannot use fp16's GradScaler (it must see every gradient "
+                             "before any update): use precision: bf16")  # fmt: skip
+        if o.bf16_weights and self.precision != "bf16":
+            raise ValueError(f"optimizer.bf16_weights needs precision: bf16 (bf16 weights run under bf16 autocast), "
+                             f"not {self.precision}")  # fmt: skip
         return self

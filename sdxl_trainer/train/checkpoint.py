@@ -2,7 +2,8 @@
 
 Layout of ``RUN/checkpoints/step-NNNNNN/`` (written atomically by :mod:`checkpoint_dir`):
 
-- ``trainable.safetensors`` — the trained weights in fp32 (LoRA: the adapter's tensors only);
+- ``trainable.safetensors`` — the trained weights in the dtype they train in: fp32, or bf16 with
+  ``optimizer.bf16_weights`` (LoRA: the adapter's tensors only);
 - ``text_encoders.safetensors`` — with ``text.train_encoders``: both encoders' weights in fp32;
 - ``state.safetensors`` + ``state.json`` — counters, optimiser, LR schedule, data position, EMA
   shadows, fp16 loss scale and the run config (no pickle anywhere);
@@ -41,11 +42,13 @@ from sdxl_trainer.train.checkpoint_dir import (
 )
 
 # Changing these between a checkpoint and its resume changes what the run *is*; --force accepts it.
-RESUME_FIXED = ("batch_size", "gradient_accumulation_steps", "objective", "lora", "latents", "text")
+# (bf16_weights: the weights' dtype; fused_backward_pass: per-parameter instead of total-norm clipping.)
+RESUME_FIXED = ("batch_size", "gradient_accumulation_steps", "objective", "lora", "latents", "text",
+                "optimizer.bf16_weights", "optimizer.fused_backward_pass")  # fmt: skip
 
 
 def trainable_state(unet: torch.nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """What training changed, in fp32: the adapter's tensors for LoRA, every parameter otherwise."""
+    """What training changed, as trained (fp32 or bf16): the adapter's tensors for LoRA, every parameter otherwise."""
     if cfg.lora.enabled:
         return lora_state_dict(unet)
     return {n: p.detach() for n, p in unwrap_model(unet).named_parameters() if p.requires_grad}
@@ -59,6 +62,11 @@ def load_trainable_state(unet: torch.nn.Module, cfg: TrainConfig, tensors: dict[
     params = dict(unwrap_model(unet).named_parameters())
     if set(tensors) != set(params):
         raise UserError("the checkpoint's weights do not fit this UNet", fix="resume with the same --model")
+    saved, now = {str(v.dtype) for v in tensors.values()}, {str(p.dtype) for p in params.values()}
+    if saved != now and not cfg.force:  # --force converts: bf16 → fp32 exactly, fp32 → bf16 to nearest
+        raise UserError(f"the checkpoint's weights are {', '.join(sorted(saved))}, this run trains "
+                        f"{', '.join(sorted(now))}", where="optimizer.bf16_weights",
+                        fix="resume with the checkpoint's optimizer.bf16_weights, or pass --force to convert")  # fmt: skip
     for name, value in tensors.items():
         params[name].copy_(value)
 
@@ -132,20 +140,27 @@ def _with_new_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """``saved`` with the section keys added since it was written at their defaults: a checkpoint from
     before a key existed (lora.fp8_base) was trained as that key's default describes."""
     out = dict(saved)
-    for name in RESUME_FIXED:
+    for name in dict.fromkeys(k.split(".")[0] for k in RESUME_FIXED):  # optimizer.bf16_weights: the optimizer section
         field = TrainConfig.model_fields[name]
         if isinstance(out.get(name), dict) and field.default_factory is not None:
             out[name] = {**field.default_factory().model_dump(mode="json"), **out[name]}
     return out
 
 
+def _setting(config: dict[str, Any], key: str) -> Any:
+    """A setting of a dumped config; a dotted key names a setting inside a section."""
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
 def check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
     saved, now = _with_new_defaults(saved), cfg.model_dump(mode="json")
-    changed = [k for k in RESUME_FIXED if saved.get(k) != now.get(k)]
+    changed = [k for k in RESUME_FIXED if _setting(saved, k) != _setting(now, k)]
     if changed and not cfg.force:
         raise UserError(
             f"the checkpoint was trained with other {', '.join(changed)} "
-            f"({'; '.join(f'{k}: {saved.get(k)} → {now.get(k)}' for k in changed)})",
+            f"({'; '.join(f'{k}: {_setting(saved, k)} → {_setting(now, k)}' for k in changed)})",
             where="--resume",
             fix="resume with the checkpoint's settings, or pass --force to continue with the new ones",
         )

@@ -48,14 +48,15 @@ from sdxl_trainer.train.text_mode import TextMode, build_text_mode
 
 
 def build_unet(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """The UNet: all of it trainable in fp32, or a fp32 LoRA adapter on frozen weights.
+    """The UNet: all trainable in fp32 (bf16 with optimizer.bf16_weights), or a fp32 LoRA on frozen weights.
 
     A LoRA's frozen base never receives updates, so under bf16/fp16 autocast it is kept in that
     precision (SDXL: 5.1 GB instead of 10.3 GB), while the adapter stays fp32 (its master weights);
     lora.fp8_base rounds it on to float8 on the CPU (2.6 GB, models/fp8.py): the device never holds 16 bits.
     """
     frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
-    unet = load_unet(cfg.model, dtype=frozen_dtype if cfg.lora.enabled else torch.float32,
+    trained_dtype = torch.bfloat16 if cfg.optimizer.bf16_weights else torch.float32  # docs/memory.md
+    unet = load_unet(cfg.model, dtype=frozen_dtype if cfg.lora.enabled else trained_dtype,
                      device="cpu" if cfg.lora.fp8_base else device)  # fmt: skip
     if cfg.lora.enabled:
         add_lora(unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
@@ -110,7 +111,7 @@ def make_step(cfg: TrainConfig, device: torch.device, info: dist.DistInfo, *, te
         grad_accum=cfg.gradient_accumulation_steps, max_grad_norm=cfg.optimizer.max_grad_norm, normalize=norm,
         weighting=lo.weighting, gamma=lo.gamma, min_snr_form=lo.min_snr_form, use_tag_weights=lo.tag_weights,
         offset_noise=lo.offset_noise, input_perturbation=lo.input_perturbation, level_options=levels,
-        world_size=info.world_size, rank=info.rank, text=text,
+        world_size=info.world_size, rank=info.rank, text=text, fused_backward=cfg.optimizer.fused_backward_pass,
     )  # fmt: skip
 
 
@@ -328,7 +329,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     groups = param_groups(unet=unet, lr=opt.learning_rate, weight_decay=opt.weight_decay,
                           text_encoders=text.trained_modules() if text else (), text_encoder_lr=opt.text_encoder_lr)
     optimizer = build_optimizer(groups, name=opt.name, lr=opt.learning_rate, weight_decay=opt.weight_decay,
-                                betas=opt.betas, eps=opt.eps)  # fmt: skip
+                                betas=opt.betas, eps=opt.eps, fused_backward_pass=opt.fused_backward_pass,
+                                bf16_weights=opt.bf16_weights, seed=cfg.seed)  # fmt: skip
     schedule = LRSchedule(optimizer, kind=cfg.schedule.kind, warmup_samples=cfg.schedule.warmup_samples,
                           total_samples=n_updates * global_batch, min_factor=cfg.schedule.min_factor)  # fmt: skip
     e = cfg.ema
