@@ -44,7 +44,7 @@ def _optimizer(unet, name, **kw):
 class PerParameterClip(ParamwiseOptimizer):
     """The plain path with the fused path's clipping: every gradient clipped by its own norm, then stepped."""
 
-    max_grad_norm = 0.05
+    max_grad_norm = 0.005  # clips about a third of the tiny UNet's tensors
 
     def step(self, closure=None):
         for group in self.param_groups:
@@ -90,7 +90,7 @@ def test_fused_equals_per_parameter_clipping_in_the_plain_path(templates, name, 
     plain, _ = _train(plain_unet, reference, _step(max_grad_norm=None, precision=precision))
     assert _same(fused, plain)
     clipped = sum(bool(norm > PerParameterClip.max_grad_norm) for _, norm in opt._stepped)  # the last update's
-    assert 0.1 * len(opt._stepped) < clipped < len(opt._stepped)  # clipping did act, and not on every tensor
+    assert 0.2 * len(opt._stepped) < clipped < 0.9 * len(opt._stepped)  # clipping acted, not on every tensor
 
 
 def test_each_gradient_is_freed_as_soon_as_its_parameter_is_stepped(templates):
