@@ -255,7 +255,7 @@ def train(
         help="Full finetune: keep the trained weights in bf16 with no fp32 master copy; every update is "
         "stochastically rounded.",
     ),
-    precision: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (weights stay fp32)."),
+    precision: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (weights stay fp32 unless --bf16-weights)."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     enable_compile: Optional[bool] = typer.Option(None, "--enable-compile", "--enable_compile", help="torch.compile the UNet."),
     compile_mode: Optional[str] = typer.Option(None, "--compile-mode", "--compile_mode", help="torch.compile mode."),

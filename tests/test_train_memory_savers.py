@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -161,7 +160,7 @@ def test_cli_flags(tiny_model_dir, tiny_work, tmp_path):
             "--set", "checkpoints.single_file=false", "--set", "logging.tensorboard=false"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    saved = json.loads(json.dumps(load_config(TrainConfig, out / "config.yaml").model_dump(mode="json")))
-    assert saved["optimizer"]["fused_backward_pass"] is True and saved["optimizer"]["bf16_weights"] is True
+    saved = load_config(TrainConfig, out / "config.yaml").optimizer
+    assert saved.fused_backward_pass is True and saved.bf16_weights is True
     alias = CliRunner().invoke(app, [*args[:-6], "--fused-backward-pass", "--lora"])
     assert alias.exit_code == 2 and "for full finetunes" in alias.output

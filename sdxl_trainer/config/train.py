@@ -179,7 +179,7 @@ class TrainConfig(Section):
     force: bool = Field(False, description="resume even with a changed batch size or objective")
     batch_size: int = Field(4, ge=1, description="samples per device per micro-batch")
     gradient_accumulation_steps: int = Field(1, ge=1)
-    precision: Precision = Field("bf16", description="autocast dtype; the weights stay fp32")
+    precision: Precision = Field("bf16", description="autocast dtype; the weights stay fp32 (see optimizer.bf16_weights)")
     gradient_checkpointing: bool = Field(False)
     attention: Literal["sdpa", "eager"] = Field("sdpa", description="attention backend")
     compile: bool = Field(False, description="torch.compile the UNet (the first updates wait for the compile)")

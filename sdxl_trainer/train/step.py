@@ -345,7 +345,7 @@ def build_train_step(
     """Check every option once and fix the step's callables.
 
     objective: "eps" | "v" | "v_ztsnr" | "flow" (or a built Objective); precision: "fp32" | "bf16" |
-    "fp16" (autocast; the weights stay fp32, fp16 adds a GradScaler); level_options: keyword
+    "fp16" (autocast; the weights keep their dtype, fp16 adds a GradScaler); level_options: keyword
     arguments of `build_level_sampler` (t_min, t_max, terminal_oversample, shift, logit_std); text:
     a train.text_mode.TextMode for on-the-fly text (None: the batch's cached embeddings);
     fused_backward: the optimiser (a FusedBackwardOptimizer) steps inside backward, one micro-batch,
