@@ -46,7 +46,6 @@ from sdxl_trainer.dist import DistInfo  # noqa: E402
 from sdxl_trainer.models import tiny  # noqa: E402
 from sdxl_trainer.models.loading import read_part_config  # noqa: E402
 from sdxl_trainer.train import loop  # noqa: E402
-from sdxl_trainer.train.optim import build_optimizer, param_groups  # noqa: E402
 from sdxl_trainer.train.state import TrainState  # noqa: E402
 
 SDPA_OPS = {"_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_efficient_attention": "efficient",
@@ -75,10 +74,7 @@ def build(unet_config: dict, overrides: dict[str, Any], device: torch.device, *,
     with mock.patch.object(loop, "load_unet", memory_full.random_unet_loader(unet_config)):
         unet = loop.build_unet(cfg, device)
     model = loop.wrap_model(unet, cfg, DistInfo(), device)
-    o = cfg.optimizer
-    groups = param_groups(unet=unet, lr=o.learning_rate, weight_decay=o.weight_decay)
-    optimizer = build_optimizer(groups, name=o.name, lr=o.learning_rate, weight_decay=o.weight_decay,
-                                betas=o.betas, eps=o.eps)  # fmt: skip
+    optimizer = loop.make_optimizer(cfg, unet)
     return cfg, unet, model, optimizer, loop.make_step(cfg, device, DistInfo())
 
 

@@ -7,8 +7,8 @@
 
 The UNet is SDXL base 1.0's architecture from the shipped config with random weights. Every
 configuration goes through the trainer's own pieces in ``loop.run``'s order — ``loop.build_unet``
-(LoRA, frozen-base dtype, savers, checkpointing), ``loop.wrap_model``, ``param_groups`` /
-``build_optimizer``, ``loop.make_step`` — and two ``TrainStep.update`` calls at batch 1 (the second
+(LoRA, frozen-base dtype, savers, checkpointing), ``loop.wrap_model``, ``loop.make_optimizer``,
+``loop.make_step`` — and two ``TrainStep.update`` calls at batch 1 (the second
 update is the steady state: the optimiser state exists while activations and gradients build up).
 
 How memory is measured. ``torch.distributed._tools.mem_tracker.MemTracker`` (a TorchDispatchMode)
@@ -65,7 +65,6 @@ from sdxl_trainer.dist import DistInfo  # noqa: E402
 from sdxl_trainer.models import tiny  # noqa: E402
 from sdxl_trainer.models.loading import read_part_config  # noqa: E402
 from sdxl_trainer.train import loop  # noqa: E402
-from sdxl_trainer.train.optim import build_optimizer, param_groups  # noqa: E402
 from sdxl_trainer.train.state import TrainState  # noqa: E402
 
 GB = 1e9
@@ -242,10 +241,7 @@ def measure(unet_config: dict, cfg: TrainConfig, *, resolution: int, chunks: int
         with mock.patch.object(loop, "load_unet", random_unet_loader(unet_config)):
             unet = loop.build_unet(cfg, device)
         model = loop.wrap_model(unet, cfg, DistInfo(), device)
-        o = cfg.optimizer
-        groups = param_groups(unet=unet, lr=o.learning_rate, weight_decay=o.weight_decay)
-        optimizer = build_optimizer(groups, name=o.name, lr=o.learning_rate, weight_decay=o.weight_decay,
-                                    betas=o.betas, eps=o.eps)  # fmt: skip
+        optimizer = loop.make_optimizer(cfg, unet)
         with unset_fake() if fake else nullcontext():  # small real tables: schedule, normalisation
             step = loop.make_step(cfg, device, DistInfo())
         batch = train_gpu.make_batch(unet_config, batch=1, resolution=resolution, chunks=chunks)
@@ -386,6 +382,18 @@ def wants_real(args: argparse.Namespace, name: str, fake: dict) -> bool:
     return fake.get("peak_tensor_gb") is not None and fake["peak_tensor_gb"] < REAL_BUDGET_GB
 
 
+def _commit() -> str | None:
+    """The checkout's commit (with "+dirty" when files differ from it), or None outside git."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
 def measure_all(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     for name, ckpt in selected(args):
         key = record_name(name, ckpt=ckpt, resolution=args.resolution, chunks=args.chunks)
@@ -401,6 +409,8 @@ def measure_all(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         if "error" not in fake and wants_real(args, key, fake):
             real = run_child(name, ckpt=ckpt, mode="real", args=args)
             rec.update(real if "error" not in real else {"real_error": real["error"]})
+        rec["measured"] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                           "command": " ".join(["python", *sys.argv]), "commit": _commit()}  # fmt: skip
         doc["records"][key] = rec
         shown = rec.get("error") or f"{rec['peak_tensor_gb']:.2f} GB ({rec['method']})" + (
             f", RSS {rec['rss_gb']:.2f} GB, {rec['step_s']:.0f} s/update" if rec.get("step_s") else "")

@@ -8,7 +8,7 @@ Measured, CPU, the tiny demo model (random weights; 64 synthetic images cached a
 buckets; fp32; one intra-op thread by default):
 
 - **update**: ``TrainStep.update`` at the demo's batch 16, built by the trainer's own pieces
-  (``loop.build_unet``, ``param_groups`` / ``build_optimizer``, ``loop.make_step``) on batches from
+  (``loop.build_unet``, ``loop.make_optimizer``, ``loop.make_step``) on batches from
   the cache reader; median wall time of ``--repeats`` after one warm-up;
 - **round**: ``SampleRounds.render`` as the trainer calls it (``build_sample_rounds`` on that UNet:
   prompts encoded once beforehand; per round the VAE loaded, ``--prompts`` × ``--seeds`` images of
@@ -62,12 +62,10 @@ from sdxl_trainer.dist import DistInfo  # noqa: E402
 from sdxl_trainer.models import tiny  # noqa: E402
 from sdxl_trainer.models.loading import read_part_config  # noqa: E402
 from sdxl_trainer.prep import cache, scan, stats  # noqa: E402
-from sdxl_trainer.sampling.black import DEFAULT_PROMPTS  # noqa: E402
 from sdxl_trainer.synthetic import build_synthetic_dataset  # noqa: E402
 from sdxl_trainer.train import loop  # noqa: E402
 from sdxl_trainer.train.data import CacheDataset  # noqa: E402
 from sdxl_trainer.train.loader import CacheLoader  # noqa: E402
-from sdxl_trainer.train.optim import build_optimizer, param_groups  # noqa: E402
 from sdxl_trainer.train.samples import build_sample_rounds  # noqa: E402
 from sdxl_trainer.train.state import TrainState  # noqa: E402
 
@@ -118,9 +116,7 @@ def measure_tiny(model: Path, work: Path, out: Path, args: argparse.Namespace) -
                    "steps": args.steps, "cfg": 5.0, "checks": {"black": True, "black_seeds": list(range(BLACK_SEEDS))}}
     device, info = torch.device("cpu"), DistInfo()
     unet = loop.build_unet(cfg, device)
-    o = cfg.optimizer
-    optimizer = build_optimizer(param_groups(unet=unet, lr=o.learning_rate, weight_decay=o.weight_decay), name=o.name,
-                                lr=o.learning_rate, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)  # fmt: skip
+    optimizer = loop.make_optimizer(cfg, unet)
     step = loop.make_step(cfg, device, info)
     dataset = CacheDataset(work / "cache", seed=0)
     with CacheLoader(dataset, dataset.train_sampler(batch_size=cfg.batch_size), prefetch=2, workers=1) as loader:

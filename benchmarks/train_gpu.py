@@ -57,7 +57,6 @@ from sdxl_trainer.models import tiny  # noqa: E402
 from sdxl_trainer.models.loading import read_part_config  # noqa: E402
 from sdxl_trainer.models.lora import add_lora  # noqa: E402
 from sdxl_trainer.train import loop  # noqa: E402
-from sdxl_trainer.train.optim import build_optimizer, param_groups  # noqa: E402
 from sdxl_trainer.train.state import TrainState  # noqa: E402
 
 GUIDE_TFLOP_FWD_BWD = 20.2  # GUIDE.md: SDXL UNet fwd+bwd per 1024² sample
@@ -191,10 +190,7 @@ def build_run(config: dict, cfg: TrainConfig, device: torch.device):
     with mock.patch.object(loop, "load_unet", random_unet_loader(config)):
         unet = loop.build_unet(cfg, device)
     model = loop.wrap_model(unet, cfg, DistInfo(), device)
-    o = cfg.optimizer
-    groups = param_groups(unet=unet, lr=o.learning_rate, weight_decay=o.weight_decay)
-    optimizer = build_optimizer(groups, name=o.name, lr=o.learning_rate, weight_decay=o.weight_decay,
-                                betas=o.betas, eps=o.eps)  # fmt: skip
+    optimizer = loop.make_optimizer(cfg, unet)
     return model, optimizer, loop.make_step(cfg, device, DistInfo())
 
 

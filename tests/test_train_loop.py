@@ -16,7 +16,7 @@ from sdxl_trainer.config import StatsConfig, TrainConfig, load_config
 from sdxl_trainer.demo import demo_cache_config, demo_scan_config
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.prep import cache, scan, stats
-from sdxl_trainer.train import loop
+from sdxl_trainer.train import loop, sinks
 from sdxl_trainer.train.step import TrainStep
 
 TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -375,7 +375,7 @@ def test_wandb_gets_the_config_every_logged_step_and_a_finish(tiny_model_dir, wo
 
 
 def test_log_record_scalars():
-    flat = loop.scalars({"step": 3, "loss": 0.5, "lr": {"unet/decay": 1e-4}, "val_loss_levels": [0.1, 0.2],
+    flat = sinks.scalars({"step": 3, "loss": 0.5, "lr": {"unet/decay": 1e-4}, "val_loss_levels": [0.1, 0.2],
                          "epoch": 0, "note": "x"})  # fmt: skip
     assert flat == {"loss": 0.5, "lr/unet/decay": 1e-4, "val_loss_levels/0": 0.1, "val_loss_levels/1": 0.2,
                     "epoch": 0.0}  # fmt: skip

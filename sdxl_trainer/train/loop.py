@@ -14,7 +14,6 @@ lr_schedule.py); this file wires them in the order a reader expects:
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import time
@@ -39,6 +38,7 @@ from sdxl_trainer.train.ema import EMA
 from sdxl_trainer.train.lr_schedule import LRSchedule
 from sdxl_trainer.train.optim import build_optimizer, param_groups
 from sdxl_trainer.train.samples import build_sample_rounds
+from sdxl_trainer.train.sinks import close_sinks, emit, log_line, open_sinks
 from sdxl_trainer.train.state import TrainState
 from sdxl_trainer.train.step import StepResult, TrainStep, build_latent_norm, build_train_step, validation_levels
 from sdxl_trainer.train.text_mode import TextMode, build_text_mode
@@ -90,6 +90,17 @@ def wrap_model(unet: torch.nn.Module, cfg: TrainConfig, info: dist.DistInfo, dev
 
 
 # ── 5. the step ─────────────────────────────────────────────────────────────────────────────────
+
+
+def make_optimizer(cfg: TrainConfig, unet: torch.nn.Module, *, text: TextMode | None = None) -> torch.optim.Optimizer:
+    """The configured optimiser over the UNet's trainable weights (and the trained text encoders'),
+    with the savers of optimizer.fused_backward_pass / bf16_weights; what benchmarks build too."""
+    opt = cfg.optimizer
+    groups = param_groups(unet=unet, lr=opt.learning_rate, weight_decay=opt.weight_decay,
+                          text_encoders=text.trained_modules() if text else (), text_encoder_lr=opt.text_encoder_lr)
+    return build_optimizer(groups, name=opt.name, lr=opt.learning_rate, weight_decay=opt.weight_decay,
+                           betas=opt.betas, eps=opt.eps, fused_backward_pass=opt.fused_backward_pass,
+                           bf16_weights=opt.bf16_weights, seed=cfg.seed)  # fmt: skip
 
 
 def vae_scaling_factor(model_dir: Path) -> float:
@@ -224,68 +235,6 @@ def validation_record(step: TrainStep, unet, loader: CacheLoader, ema: EMA | Non
     return record
 
 
-def log_line(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def scalars(record: dict[str, Any]) -> dict[str, float]:
-    """A log record as flat name → number (lr per group, validation per level)."""
-    flat: dict[str, float] = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}/{k}": float(v) for k, v in value.items()})
-        elif isinstance(value, list):
-            flat.update({f"{key}/{i}": float(v) for i, v in enumerate(value)})
-        elif isinstance(value, (int, float)) and key != "step":
-            flat[key] = float(value)
-    return flat
-
-
-def _logging_package(name: str, module: str):
-    """Import the module behind ``logging.<name>``, or stop with what to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(f"logging.{name} is on but the {name} package is not installed",
-                        fix=f"pip install {name}, or set logging.{name}: false") from None  # fmt: skip
-
-
-def open_sinks(cfg: TrainConfig, out: Path, *, main: bool) -> list[tuple[str, Any]]:
-    """TensorBoard and W&B as configured, besides RUN/metrics.jsonl. Every rank checks the packages
-    (so a missing one stops all ranks at once); only the main rank opens the writers."""
-    sinks: list[tuple[str, Any]] = []
-    if cfg.logging.tensorboard:
-        tensorboard = _logging_package("tensorboard", "torch.utils.tensorboard")
-        if main:
-            sinks.append(("tensorboard", tensorboard.SummaryWriter(log_dir=str(out / "tensorboard"))))
-    if cfg.logging.wandb:
-        wandb = _logging_package("wandb", "wandb")
-        if main:
-            run = wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run_name,
-                             mode=cfg.logging.wandb_mode, dir=str(out), config=cfg.model_dump(mode="json"))  # fmt: skip
-            sinks.append(("wandb", run))
-    return sinks
-
-
-def emit(sinks: list[tuple[str, Any]], record: dict[str, Any]) -> None:
-    for kind, sink in sinks:
-        if kind == "tensorboard":
-            for name, value in scalars(record).items():
-                sink.add_scalar(name, value, global_step=record["step"])
-            sink.flush()
-        else:
-            sink.log(scalars(record), step=record["step"])
-
-
-def close_sinks(sinks: list[tuple[str, Any]]) -> None:
-    for kind, sink in sinks:
-        if kind == "tensorboard":
-            sink.close()
-        else:
-            sink.finish()
-
-
 def checkpoint_due(cfg: TrainConfig, state: TrainState, samples_before: int) -> bool:
     ck = cfg.checkpoints
     if ck.every_steps is not None:
@@ -325,12 +274,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     text = build_text_mode(cfg, device, rank=info.rank, world_size=info.world_size)  # None: cached embeddings
 
     # 4. optimiser, schedule (in samples), EMA of the trainable weights
-    opt = cfg.optimizer
-    groups = param_groups(unet=unet, lr=opt.learning_rate, weight_decay=opt.weight_decay,
-                          text_encoders=text.trained_modules() if text else (), text_encoder_lr=opt.text_encoder_lr)
-    optimizer = build_optimizer(groups, name=opt.name, lr=opt.learning_rate, weight_decay=opt.weight_decay,
-                                betas=opt.betas, eps=opt.eps, fused_backward_pass=opt.fused_backward_pass,
-                                bf16_weights=opt.bf16_weights, seed=cfg.seed)  # fmt: skip
+    optimizer = make_optimizer(cfg, unet, text=text)
     schedule = LRSchedule(optimizer, kind=cfg.schedule.kind, warmup_samples=cfg.schedule.warmup_samples,
                           total_samples=n_updates * global_batch, min_factor=cfg.schedule.min_factor)  # fmt: skip
     e = cfg.ema
