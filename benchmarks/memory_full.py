@@ -149,21 +149,7 @@ def make_tracker():
     return Tracker()
 
 
-def random_unet_loader(config: dict):
-    """Stands in for ``loop.load_unet``: fresh random weights, created directly in the asked dtype (no
-    transient fp32 copy; and ``Module.to`` cannot convert fake parameters)."""
-    from diffusers import UNet2DConditionModel
-
-    def load(model_dir, *, dtype=torch.float32, device="cpu"):
-        before = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                return UNet2DConditionModel.from_config(config)
-        finally:
-            torch.set_default_dtype(before)
-
-    return load
+random_unet_loader = train_gpu.random_unet_loader  # one implementation, shared
 
 
 def _fake_module_to():
@@ -192,10 +178,18 @@ def _fake_module_to():
 
 
 class _AllFinite:
-    """What ``torch.isfinite`` answers for a fake tensor: true, however it is combined or reduced."""
+    """What ``torch.isfinite`` answers for a fake tensor: true, however it is combined or reduced.
+
+    Used as a condition (``bool``, ``&``, ``.all()``) it is True; handed to a torch function (the
+    fused optimiser's ``torch.where(finite, new, old)``) it is an all-True bool tensor of the input's
+    shape, a fake one, so the function allocates what it would on real data.
+    """
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.mask = torch.ones_like(like, dtype=torch.bool)
 
     def all(self):
-        return self
+        return _AllFinite(self.mask.new_ones(()))
 
     def __and__(self, other):
         return self
@@ -205,6 +199,12 @@ class _AllFinite:
     def __bool__(self) -> bool:
         return True
 
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda a: a.mask if isinstance(a, _AllFinite) else a  # noqa: E731
+        args, kwargs = torch.utils._pytree.tree_map(unwrap, (args, kwargs or {}))
+        return func(*args, **kwargs)
+
 
 def _finite_stub():
     """fake mode: a fake tensor has no values to test, so ``torch.isfinite`` calls it finite (the
@@ -213,7 +213,7 @@ def _finite_stub():
     from torch._subclasses.fake_tensor import FakeTensor
 
     real = torch.isfinite
-    return mock.patch.object(torch, "isfinite", lambda x: _AllFinite() if isinstance(x, FakeTensor) else real(x))
+    return mock.patch.object(torch, "isfinite", lambda x: _AllFinite(x) if isinstance(x, FakeTensor) else real(x))
 
 
 def profiler_growth(prof) -> int:
@@ -273,6 +273,8 @@ def measure(unet_config: dict, cfg: TrainConfig, *, resolution: int, chunks: int
                 t1 = time.perf_counter()
                 step.update(model, [batch], optimizer=optimizer, generator=generator, state=state)
                 times.append(time.perf_counter() - t1)
+                if isinstance(optimizer, torch.optim.Optimizer):  # a fused optimiser makes its state inside
+                    tracker.track_external(optimizer)  # backward, not in step(): file it as optimiser state
         peak = tracker.get_tracker_snapshot("peak")
     per_device = next(iter(peak.values())) if peak else {}
     total = per_device.pop("Total", sum(per_device.values()))

@@ -82,28 +82,36 @@ def unet_dims(config: dict) -> dict[str, int]:
     return {"channels": config["in_channels"], "text": config["cross_attention_dim"], "pooled": pooled}
 
 
-def make_batch(config: dict, *, batch: int, resolution: int, chunks: int, device: str = "cpu") -> dict[str, Any]:
-    """A batch as the cache reader hands it over: raw latents fp32, text fp16, time ids, tag weights."""
-    d, side = unet_dims(config), resolution // 8
+def make_batch(config: dict, *, batch: int, resolution: int, chunks: int, device: str = "cpu",
+               width: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """A batch as the cache reader hands it over: raw latents fp32, text fp16, time ids, tag weights.
+    ``resolution`` is the height; ``width`` (default: the height) makes a non-square bucket."""
+    d, height, width = unet_dims(config), resolution, width or resolution
     g = torch.Generator().manual_seed(0)
     batch_ = {
-        "latents": torch.randn(batch, d["channels"], side, side, generator=g) / SCALING_FACTOR,
+        "latents": torch.randn(batch, d["channels"], height // 8, width // 8, generator=g) / SCALING_FACTOR,
         "text_hidden": torch.randn(batch, 77 * chunks, d["text"], generator=g).half(),
         "text_pooled": torch.randn(batch, d["pooled"], generator=g).half(),
-        "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=torch.float32),
+        "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * batch, dtype=torch.float32),
         "tag_weight": torch.ones(batch),
     }
     return {k: v.to(device) for k, v in batch_.items()}
 
 
 def random_unet_loader(config: dict):
-    """Stands in for ``loop.load_unet``: the architecture of ``config`` with fresh random weights."""
+    """Stands in for ``loop.load_unet``: the architecture of ``config`` with fresh random weights, made
+    directly in the asked dtype and device (no transient fp32 copy; fake tensors cannot be converted
+    by ``Module.to``)."""
     from diffusers import UNet2DConditionModel
 
     def load(model_dir, *, dtype=torch.float32, device="cpu"):
-        with torch.device(device):
-            unet = UNet2DConditionModel.from_config(config)  # fp32, as the trainer loads it
-        return unet if dtype == torch.float32 else unet.to(dtype)
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                return UNet2DConditionModel.from_config(config)
+        finally:
+            torch.set_default_dtype(before)
 
     return load
 
