@@ -118,10 +118,11 @@ def bf16_vs_fp32(unet_config: dict, device: torch.device, *, resolution: int) ->
             "output_relative_difference": float(diff)}  # fmt: skip
 
 
-def lora_peak(unet_config: dict, device: torch.device, *, resolution: int) -> dict[str, Any]:
-    """Peak allocated memory of two LoRA r16 updates at batch 1, bf16 and fp8 base, checkpointing on."""
+def peak_memory(unet_config: dict, device: torch.device, *, resolution: int, names: tuple[str, ...]) -> dict[str, Any]:
+    """Peak allocated memory of two updates at batch 1, checkpointing on, per memory_full configuration
+    (LoRA r16 with the bf16 and fp8 bases; the full finetune with both savers and Adafactor)."""
     out: dict[str, Any] = {}
-    for name in ("lora-r16-bf16", "lora-r16-fp8"):
+    for name in names:
         why = memory_full.available(name)
         if why:
             out[name] = {"error": why}
@@ -205,11 +206,15 @@ def main() -> int:
     run_part(doc, "environment", lambda: environment(device))
     run_part(doc, "attention", lambda: attention_backend(unet_config, device, resolution=args.resolution))
     run_part(doc, "bf16_vs_fp32", lambda: bf16_vs_fp32(unet_config, device, resolution=args.resolution))
-    run_part(doc, "lora_peak_memory", lambda: lora_peak(unet_config, device, resolution=args.resolution))
+    run_part(doc, "lora_peak_memory", lambda: peak_memory(unet_config, device, resolution=args.resolution,
+                                                          names=("lora-r16-bf16", "lora-r16-fp8")))  # fmt: skip
+    run_part(doc, "full_savers_peak_memory", lambda: peak_memory(unet_config, device, resolution=args.resolution,
+                                                                 names=("full-adafactor-fused-bf16sr",)))  # fmt: skip
     run_part(doc, "full_finetune_throughput", lambda: throughput(unet_config, device, args))
     doc["total_s"] = time.perf_counter() - started
     failed = [k for k, v in doc.items() if isinstance(v, dict) and "error" in v]
-    failed += [f"lora_peak_memory/{k}" for k, v in doc.get("lora_peak_memory", {}).items() if isinstance(v, dict) and "error" in v]
+    failed += [f"{part}/{k}" for part in ("lora_peak_memory", "full_savers_peak_memory")
+               for k, v in doc.get(part, {}).items() if isinstance(v, dict) and "error" in v]  # fmt: skip
     failed += [f"run {r['config']} ckpt={r['checkpointing']} compile={r['compile']}"
                for r in doc.get("full_finetune_throughput", {}).get("runs", []) if "error" in r]  # fmt: skip
     doc["failed"] = failed

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check, one command, one JSON (benchmarks/out/gpu_check.json): full finetune samples/s and
-# FLOP utilisation at 1024², LoRA r16 peak memory with the bf16 and fp8 bases, the attention kernel
+# FLOP utilisation at 1024², LoRA r16 peak memory with the bf16 and fp8 bases, the full finetune's
+# peak with both memory savers and Adafactor, the attention kernel
 # actually used, and bf16-vs-fp32 loss agreement. Under 8 minutes on one H100/H200.
 #
 #   bash benchmarks/gpu_check.sh              # on a machine with a CUDA GPU
