@@ -140,6 +140,10 @@ def test_adamw8bit_that_cannot_step_on_the_device_is_a_clear_user_error(monkeypa
     text = str(info.value)
     assert "bitsandbytes 0.49.2 is installed but cannot run 8-bit AdamW on cpu" in text and "same GPU" in text
     assert "≥ 0.50" in text and "\n" not in text and "4096" not in text
+    fake_bnb.__version__ = "0.50.2"  # a release that steps on the CPU: no advice to upgrade to what is installed
+    with pytest.raises(UserError) as info:
+        build_optimizer(param_groups(unet=_small(), lr=1e-3, weight_decay=0), name="adamw8bit", lr=1e-3)
+    assert "bitsandbytes 0.50.2 is installed" in str(info.value) and "upgrade" not in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -181,6 +181,16 @@ def _import_bitsandbytes_optim() -> Any:
 _PROBE_NUMEL = 4096
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """(0, 50, 2) from "0.50.2" (or "0.50.2.dev0"); () when unreadable, which sorts below every release."""
+    parts = []
+    for piece in version.split(".")[:3]:
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return tuple(parts)
+
+
 def _check_8bit_steps_on(device: torch.device, bnb_optim: Any) -> None:
     """One 8-bit AdamW step on a throwaway tensor on ``device``, so that a bitsandbytes build without
     kernels for it stops the run here with one line, not with a traceback at the first update after
@@ -194,8 +204,12 @@ def _check_8bit_steps_on(device: torch.device, bnb_optim: Any) -> None:
     except Exception as e:  # whatever the build raises (RuntimeError, AssertionError, NotImplementedError …)
         version = getattr(importlib.import_module("bitsandbytes"), "__version__", "?")
         reason = (str(e).strip().splitlines() or [""])[0][:200]  # 0.47–0.49 list every tensor after line one
-        fix = ("upgrade to bitsandbytes ≥ 0.50 (older releases run it on CUDA only)" if device.type == "cpu" else
-               "check that the bitsandbytes build fits this GPU and CUDA (python -m bitsandbytes)")  # fmt: skip
+        if device.type != "cpu":
+            fix = "check that the bitsandbytes build fits this GPU and CUDA (python -m bitsandbytes)"
+        elif _release(version) < (0, 50):
+            fix = "upgrade to bitsandbytes ≥ 0.50 (older releases run it on CUDA only)"
+        else:  # a release that does step on the CPU failed here: the reason above is the lead
+            fix = "check the bitsandbytes install (python -m bitsandbytes)"
         raise UserError(
             f"bitsandbytes {version} is installed but cannot run 8-bit AdamW on {device} ({type(e).__name__}: {reason})",
             where="optimizer.name",
