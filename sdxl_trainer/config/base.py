@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
 import yaml
@@ -67,32 +68,65 @@ def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def _explain(cls: type[BaseModel], err: ValidationError, source: str) -> UserError:
-    lines = []
+def _source(key: str, file: Path | None, given: set[str], flags: Mapping[str, str]) -> str | None:
+    """Where the value at ``key`` came from: the flag that set it (or a section above it), else the file."""
+    for k in given:
+        if key == k or key.startswith(k + "."):
+            return flags.get(k) or f"the command-line option for {k}"
+    return str(file) if file else None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _explain(
+    cls: type[BaseModel], err: ValidationError, file: Path | None, given: set[str], flags: Mapping[str, str]
+) -> UserError:
+    lines, sources = [], set()
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
+        source = _source(key, file, given, flags) if loc else None
+        sources.add(source if source == str(file) else "command line")
         if e["type"] == "extra_forbidden":
             parent = _model_at(cls, loc[:-1])
             known = list(parent.model_fields) if parent else []
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f" — did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
-            lines.append(f"unknown key {key!r}{hint}")
-        else:
+            lines.append(f"unknown key {key!r}{hint}" + (f" (from {source})" if source and source != str(file) else ""))
+        elif source is None or e["type"] == "missing":
             lines.append(f"{key}: {e['msg']}")
-    return UserError("; ".join(lines), where=source, fix="see `--help` or docs/configuration.md for the keys")
+        else:  # name the value and who gave it: a bad --batch-size must not be blamed on the file
+            origin = f"{source}, key {key}" if source == str(file) else source
+            lines.append(f"{key}: {e['msg']} (got {_shown(e.get('input'))} from {origin})")
+    where = str(file) if file and str(file) in sources else "command line"
+    return UserError("; ".join(lines), where=where, fix="see `--help` or docs/configuration.md for the keys")
 
 
-def load_config(cls: type[C], file: Path | None = None, overrides: dict[str, Any] | None = None) -> C:
-    """Build a ``cls`` from an optional config file plus overrides (dotted keys; ``None`` = unset)."""
+def load_config(
+    cls: type[C],
+    file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    flags: Mapping[str, str] | None = None,
+) -> C:
+    """Build a ``cls`` from an optional config file plus overrides (dotted keys; ``None`` = unset).
+
+    ``flags`` names the command-line option behind each override key (``{"batch_size": "--batch-size"}``),
+    so that a validation error blames the option that gave the bad value, not the config file.
+    """
     data = read_config_file(file) if file else {}
+    given = set()
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, key, value)
+            given.add(key)
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise _explain(cls, e, str(file) if file else "options") from None
+        raise _explain(cls, e, Path(file) if file else None, given, flags or {}) from None
 
 
 def dump_config(config: BaseModel, path: Path) -> None:
