@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
 
-from sdxl_trainer import __version__, console
-from sdxl_trainer.config import CacheConfig, EvaluateConfig, GenerateConfig, ScanConfig, StatsConfig, TrainConfig, WeightsConfig, load_config
+from sdxl_trainer import __version__, cli_options, console, disk, locks
+from sdxl_trainer.cli_options import load, parse_sets
+from sdxl_trainer.config import CacheConfig, EvaluateConfig, GenerateConfig, ScanConfig, StatsConfig, TrainConfig, WeightsConfig
 from sdxl_trainer.errors import UserError
 
 app = typer.Typer(
@@ -44,22 +47,32 @@ def _root(
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a UserError as one line and exit 2; --debug re-raises it with its traceback."""
+    """Print a UserError (or a disk-full / read-only OS error) as one line and exit 2; --debug re-raises it."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        cli_options.remember(fn, kwargs)  # so that a bad value is blamed on the option that gave it
         try:
             return fn(*args, **kwargs)
-        except UserError as e:
-            if _state["debug"]:
+        except Exception as e:
+            err = e if isinstance(e, UserError) else disk.explain(e)
+            if err is None or _state["debug"]:
                 raise
-            console.console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            console.console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
 
 
+@contextlib.contextmanager
+def one_writer(folder: Path, stage: str, force_unlock: bool) -> Iterator[None]:
+    """The stage's lock on the folder it writes (docs/reliability.md); OS write errors there → one line."""
+    with disk.writing_to(folder), locks.hold(folder, stage, force=force_unlock):
+        yield
+
+
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML or TOML config; flags override it.")
+UNLOCK_OPT = typer.Option(False, locks.FORCE_FLAG, help="Take over a lock left by a process on another host.")
 
 
 @prep_app.command("scan")
@@ -71,6 +84,9 @@ def scan(
     image_column: Optional[str] = typer.Option(None, help="HF dataset image column."),
     caption_column: Optional[str] = typer.Option(None, help="HF dataset caption column."),
     hf_split: Optional[str] = typer.Option(None, help="HF dataset split."),
+    allow_outside_paths: Optional[bool] = typer.Option(
+        None, "--allow-outside-paths", help="HF dataset: read image paths outside its folder (trusted datasets)."
+    ),
     model: Optional[Path] = typer.Option(None, help="SDXL folder whose tokenizer counts 75-token chunks."),
     fast: Optional[bool] = typer.Option(None, "--fast/--full", help="Header-only check instead of a full decode."),
     min_side: Optional[int] = typer.Option(None, help="Skip images whose short side is smaller (default 256)."),
@@ -81,11 +97,12 @@ def scan(
     alpha_background: Optional[str] = typer.Option(None, help="What transparent pixels become: white | black."),
     max_chunks: Optional[int] = typer.Option(None, help="75-token chunks a caption may use (with --model)."),
     config: Optional[Path] = CONFIG_OPT,
+    force_unlock: bool = UNLOCK_OPT,
 ) -> None:
     """Find and validate every image, assign aspect-ratio buckets → WORK/manifest.parquet."""
     from sdxl_trainer.prep import scan as stage
 
-    cfg = load_config(
+    cfg = load(
         ScanConfig,
         config,
         {
@@ -95,6 +112,7 @@ def scan(
             "image_column": image_column,
             "caption_column": caption_column,
             "hf_split": hf_split,
+            "allow_outside_paths": allow_outside_paths,
             "model": model,
             "fast": fast,
             "min_side": min_side,
@@ -106,7 +124,8 @@ def scan(
             "max_chunks": max_chunks,
         },
     )
-    stage.run(cfg)
+    with one_writer(cfg.out, "prep scan", force_unlock):
+        stage.run(cfg)
 
 
 @prep_app.command("stats")
@@ -121,13 +140,16 @@ def stats(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
     seed: Optional[int] = typer.Option(None, help="Subset choice and posterior draws."),
     config: Optional[Path] = CONFIG_OPT,
+    force_unlock: bool = UNLOCK_OPT,
 ) -> None:
     """Per-channel mean/std of raw VAE latents → WORK/latent_stats.json."""
     from sdxl_trainer.prep import stats as stage
 
     overrides = {"work": work, "model": model, "vae": vae, "max_images": max_images, "batch_size": batch_size,
                  "dtype": dtype, "device": device, "seed": seed}  # fmt: skip
-    stage.run(load_config(StatsConfig, config, overrides))
+    cfg = load(StatsConfig, config, overrides)
+    with one_writer(cfg.work, "prep stats", force_unlock):
+        stage.run(cfg)
 
 
 @prep_app.command("cache")
@@ -151,6 +173,7 @@ def cache(
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Rebuild a cache made with other settings."),
     verify: bool = typer.Option(False, "--verify", help="Re-check row counts, shapes and finiteness afterwards."),
     config: Optional[Path] = CONFIG_OPT,
+    force_unlock: bool = UNLOCK_OPT,
 ) -> None:
     """Latents + chunked CLIP text embeddings of every kept image → WORK/cache/ (resumable)."""
     from sdxl_trainer.prep import cache as stage
@@ -159,7 +182,9 @@ def cache(
                  "device": device, "batch_size": batch_size, "crop": crop, "flip": flip, "max_chunks": max_chunks,
                  "variants.count": variants, "variants.keep_first": keep_first, "variants.max_dropout": max_dropout,
                  "variants.caption_prob": caption_prob, "shard_max_mb": shard_max_mb, "overwrite": overwrite}  # fmt: skip
-    stage.run(load_config(CacheConfig, config, overrides), verify_after=verify)
+    cfg = load(CacheConfig, config, overrides)
+    with one_writer(cfg.work, "prep cache", force_unlock):
+        stage.run(cfg, verify_after=verify)
 
 
 @prep_app.command("weights")
@@ -175,6 +200,7 @@ def weights(
     ignore_prefix: Optional[list[str]] = typer.Option(None, help="Tags starting with this are never weighed (repeatable)."),
     show: Optional[int] = typer.Option(None, help="Rows in the printed tables."),
     config: Optional[Path] = CONFIG_OPT,
+    force_unlock: bool = UNLOCK_OPT,
 ) -> None:
     """Tag-frequency loss weights (rare tags lifted, common ones attenuated) → WORK/tag_weights.parquet."""
     from sdxl_trainer.prep import weights as stage
@@ -182,7 +208,9 @@ def weights(
     overrides = {"work": work, "alpha": alpha, "min_count": min_count, "clip_min": clip_min, "clip_max": clip_max,
                  "combine": combine, "ignore_tags": ignore_tag or None, "ignore_prefixes": ignore_prefix or None,
                  "show": show}  # fmt: skip
-    stage.run(load_config(WeightsConfig, config, overrides))
+    cfg = load(WeightsConfig, config, overrides)
+    with one_writer(cfg.work, "prep weights", force_unlock):
+        stage.run(cfg)
 
 
 @app.command("demo")
@@ -199,19 +227,6 @@ def demo(
     from sdxl_trainer import demo as stage
 
     stage.run(out, n_images=images, seed=seed, train_steps=train_steps, quick=quick, threads=threads)
-
-
-def _parse_sets(pairs: list[str] | None) -> dict[str, Any]:
-    """``--set key.sub=value`` pairs → overrides (values parsed as YAML: 1e-4, true, [a, b])."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set {pair!r} is not KEY=VALUE", fix="e.g. --set objective.sigma_max=20000")
-        out[key.strip()] = yaml.safe_load(raw)
-    return out
 
 
 @app.command("train")
@@ -283,6 +298,7 @@ def train(
     ),
     sample_sampler: Optional[str] = typer.Option(None, "--sample-sampler", "--sample_sampler", help="As generate's --sampler."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Any config key: --set loss.gamma=5 (repeatable)."),
+    force_unlock: bool = UNLOCK_OPT,
 ) -> None:
     """Train on WORK/cache → RUN/ (checkpoints a diffusers pipeline, ComfyUI/A1111 file, LoRA, state; samples/)."""
     from sdxl_trainer.train import loop as stage
@@ -303,12 +319,13 @@ def train(
         "logging.wandb_project": wandb_project, "logging.wandb_run_name": wandb_run_name, "resume": resume,
         "force": force, "seed": seed, "device": device,
         "samples.prompts": sample_prompts, "samples.every_steps": sample_every_n_steps,
-        "samples.every_samples": sample_every_n_samples, "samples.sampler": sample_sampler, **_parse_sets(set_),
+        "samples.every_samples": sample_every_n_samples, "samples.sampler": sample_sampler,
     }  # fmt: skip
     if lora and lora_rank is not None and lora_alpha is None:
         overrides["lora.alpha"] = float(lora_rank)
-    cfg = load_config(TrainConfig, config, overrides)
-    summary = stage.run(cfg)
+    cfg = load(TrainConfig, config, overrides, parse_sets(set_))
+    with one_writer(cfg.out, "train", force_unlock):
+        summary = stage.run(cfg)
     console.table("sdxl train", [(k, v) for k, v in summary.items() if k != "last"], ("", ""))
 
 
@@ -345,7 +362,7 @@ def generate(
                  "width": width, "height": height, "seed": seed, "num_images": num_images, "sigma_max": sigma_max,
                  "flow_shift": flow_shift, "lora": lora, "lora_scale": lora_scale, "config_dir": config_dir,
                  "device": device, "dtype": dtype}  # fmt: skip
-    paths = stage.run(load_config(GenerateConfig, config, overrides))
+    paths = stage.run(load(GenerateConfig, config, overrides))
     console.table("sdxl generate", [(str(p),) for p in paths], ("image",))
 
 
@@ -370,8 +387,8 @@ def evaluate(
 
     overrides = {"checkpoint": checkpoint, "out": out, "checks": check or None, "steps": steps, "cfg_scale": cfg,
                  "seeds": seeds or None, "base_resolution": base_resolution, "lora": lora, "config_dir": config_dir,
-                 "device": device, **_parse_sets(set_)}  # fmt: skip
-    stage.run(load_config(EvaluateConfig, config, overrides))
+                 "device": device}  # fmt: skip
+    stage.run(load(EvaluateConfig, config, overrides, parse_sets(set_)))
 
 
 @app.command("config")

@@ -109,6 +109,16 @@ def info(message: str) -> None:
         console.print(message)
 
 
+def format_bytes(n: float) -> str:
+    """A byte count for people: 812 B, 12.3 MB, 1.2 GB, 3.40 TB (decimal units, as `df -H`)."""
+    n = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if round(abs(n), 0 if unit == "B" else 1) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:,.2f} TB"
+
+
 # ── the training bar ─────────────────────────────────────────────────────────────────────────────
 
 

@@ -93,6 +93,12 @@ def _replace(tmp: str, path: Path) -> None:
         os.close(dir_fd)
 
 
+def _name_file(e: BaseException, path: Path) -> None:
+    """pyarrow's OSErrors (disk full, …) name no file: name the artifact, for the one-line error."""
+    if isinstance(e, OSError) and e.filename is None:
+        e.filename = str(path)
+
+
 def write_table(table: pa.Table, path: Path, *, artifact: str, config: Any, extra: dict | None = None) -> None:
     """Write ``table`` to ``path`` atomically with the provenance record in its metadata."""
     meta = artifact_meta(artifact, config)
@@ -108,8 +114,9 @@ def write_table(table: pa.Table, path: Path, *, artifact: str, config: Any, extr
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         _replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        _name_file(e, path)
         raise
 
 
@@ -125,8 +132,9 @@ def write_json(obj: dict, path: Path, *, artifact: str, config: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         _replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        _name_file(e, path)
         raise
 
 

@@ -17,6 +17,8 @@ ALLOWED = {
     "config": {"errors"},
     "console": set(),
     "dist": {"errors"},
+    "locks": {"errors", "console"},
+    "disk": {"errors", "console", "locks"},
     "caption_variants": {"errors", "config"},
     "synthetic": {"errors"},
     "cache_format": {"schema", "errors"},
@@ -24,7 +26,8 @@ ALLOWED = {
     # the sampling core: below both train (in-training samples) and evaluate (generate, report), so an
     # image rendered while training runs the very code `sdxl generate` runs, without train → evaluate
     "sampling": {"errors", "console", "models", "diffusion"},
-    "prep": {"errors", "schema", "config", "console", "models", "diffusion", "cache_format", "dist", "caption_variants"},
+    "prep": {"errors", "schema", "config", "console", "models", "diffusion", "cache_format", "dist", "caption_variants",
+             "disk"},
     "train": {"errors", "schema", "config", "console", "models", "diffusion", "cache_format", "dist", "caption_variants",
               "sampling"},
     "evaluate": {"errors", "schema", "config", "console", "models", "diffusion", "train", "sampling"},

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sdxl_trainer import console, dist
+from sdxl_trainer import console, disk, dist
 from sdxl_trainer.cache_format import CacheDims, CacheRow, CacheWriter, check_config, clean_partial, completed_ids
 from sdxl_trainer.cache_format import Group, finalise, row_bytes, verify
 from sdxl_trainer.config import CacheConfig
@@ -229,11 +229,13 @@ def _check_disk(cache: Path, enc: Encoder, todo: list[dict]) -> None:
     need = estimate_bytes(enc, todo)
     cache.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache).free
-    console.info(f"cache: {len(todo):,} images to encode, about {need / 1e9:,.2f} GB "
-                 f"({need / max(len(todo), 1) / 1e6:,.2f} MB each); {free / 1e9:,.1f} GB free")  # fmt: skip
+    disk.expect(cache, need)  # a disk-full error mid-run says how much the whole cache needs
+    size = console.format_bytes
+    console.info(f"cache: {len(todo):,} images to encode, about {size(need)} ({size(need / max(len(todo), 1))} "
+                 f"each); {size(free)} free")  # fmt: skip
     if need > free:
         raise UserError(
-            f"the cache needs about {need / 1e9:,.1f} GB but only {free / 1e9:,.1f} GB is free",
+            f"the cache needs about {size(need)} but only {size(free)} is free",
             where=str(cache),
             fix="free space, move WORK to a bigger disk, or lower --variants / --max-chunks / drop --flip",
         )
