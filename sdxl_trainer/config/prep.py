@@ -44,6 +44,10 @@ class ScanConfig(Section):
     image_column: str | None = Field(None, description="HF dataset image column (auto-detected when unset)")
     caption_column: str | None = Field(None, description="HF dataset caption column (auto-detected when unset)")
     hf_split: str | None = Field(None, description="HF dataset split (the only one, or 'train', when unset)")
+    allow_outside_paths: bool = Field(
+        False, description="HF dataset: read image paths outside the dataset folder (../x.jpg, absolute); "
+        "otherwise such rows are skipped as outside_dataset"
+    )
     out: Path = Field(..., description="work directory that receives manifest.parquet")
     model: Path | None = Field(None, description="SDXL folder whose tokenizer counts caption chunks")
     fast: bool = Field(False, description="read headers only (no full decode check)")

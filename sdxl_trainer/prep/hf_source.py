@@ -9,6 +9,11 @@ folder, else it is ``train``).
 Each image row is addressed by a *source* string, ``<file relative to the split root>#<row in that
 file>``; :func:`open_source` turns a manifest's source metadata and a row's source back into bytes,
 for the stages after the scan.
+
+An image cell may hold a file path instead of bytes. Such a path is resolved against the split's
+folder and must stay inside it (``../x.jpg``, an absolute path or a symlink out are refused) unless
+the user opts in with ``allow_outside_paths``: a dataset someone else built should not make the
+scan read arbitrary files of this machine into a training set.
 """
 
 from __future__ import annotations
@@ -44,11 +49,13 @@ class HFSource:
     image_column: str
     caption_column: str | None
     n_rows: int
+    allow_outside_paths: bool = False
 
     def meta(self) -> dict[str, Any]:
         """What a later stage needs to find the pixels again (stored in the manifest metadata)."""
         return {"kind": "hf_dataset", "format": self.kind, "root": str(self.root), "split": self.split,
-                "image_column": self.image_column, "caption_column": self.caption_column}
+                "image_column": self.image_column, "caption_column": self.caption_column,
+                "allow_outside_paths": self.allow_outside_paths}
 
 
 def _split_of(rel: Path) -> str:
@@ -165,7 +172,8 @@ def _columns(schema: pa.Schema, features: dict, image: str | None, caption: str 
 
 
 def open_hf_dataset(
-    path: Path, *, split: str | None = None, image_column: str | None = None, caption_column: str | None = None
+    path: Path, *, split: str | None = None, image_column: str | None = None, caption_column: str | None = None,
+    allow_outside_paths: bool = False,
 ) -> HFSource:
     """Locate the split, its files and its image/caption columns (auto-detected unless named)."""
     path = Path(path).expanduser().resolve()
@@ -181,7 +189,8 @@ def open_hf_dataset(
     schema = _read_schema(root / files[0], arrow=is_arrow)
     image, caption = _columns(schema, features, image_column, caption_column, root)
     n_rows = sum(_n_rows(root / f, arrow=is_arrow) for f in files)
-    return HFSource(root, "arrow" if is_arrow else "parquet", chosen, tuple(files), image, caption, n_rows)
+    return HFSource(root, "arrow" if is_arrow else "parquet", chosen, tuple(files), image, caption, n_rows,
+                    allow_outside_paths)
 
 
 def _read_schema(path: Path, *, arrow: bool) -> pa.Schema:
@@ -210,14 +219,24 @@ def _batches(path: Path, columns: list[str], *, arrow: bool, batch_rows: int) ->
         yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
 
 
-def image_value(value: Any, root: Path) -> tuple[bytes | None, str | None]:
-    """A cell of the image column → (bytes, None) or (None, a file path to read) or (None, None)."""
+class OutsideDataset(ValueError):
+    """An image cell's path leads out of the dataset folder and the user did not allow that."""
+
+
+def image_value(value: Any, root: Path, *, allow_outside: bool = False) -> tuple[bytes | None, str | None]:
+    """A cell of the image column → (bytes, None) or (None, a file path to read) or (None, None).
+
+    Raises OutsideDataset for a path outside ``root`` (after resolving ``..`` and symlinks) unless
+    ``allow_outside``.
+    """
     if isinstance(value, dict):
         if value.get("bytes"):
             return value["bytes"], None
         p = value.get("path")
         if p:
             candidate = Path(p) if Path(p).is_absolute() else root / p
+            if not allow_outside and not candidate.resolve().is_relative_to(root.resolve()):
+                raise OutsideDataset(f"{p} is outside the dataset folder {root}")
             return None, str(candidate)
         return None, None
     return (value or None), None
@@ -270,7 +289,11 @@ def open_source(source_meta: dict[str, Any], source: str) -> BinaryIO:
         cell = _arrow_table(str(path)).column(column)[int(row)].as_py()
     else:
         cell = _parquet_cell(path, int(row), column)
-    data, file = image_value(cell, root)
+    try:
+        data, file = image_value(cell, root, allow_outside=bool(source_meta.get("allow_outside_paths")))
+    except OutsideDataset as e:
+        raise UserError(str(e), where=f"{root}/{source}", fix="re-run `sdxl prep scan` (it skips such rows), "
+                        "or scan with --allow-outside-paths if you trust the dataset") from None
     if data is None and file is not None:
         data = Path(file).read_bytes()
     if data is None:

@@ -150,11 +150,14 @@ def find_hf(
     """
     for path, source, cell, caption in hf_source.iter_rows(src):
         item = Item(path, source, _hf_caption(caption, cfg))
-        data, file = hf_source.image_value(cell, src.root)
+        reason = "no_image: the row has no image data"
+        try:
+            data, file = hf_source.image_value(cell, src.root, allow_outside=cfg.allow_outside_paths)
+        except hf_source.OutsideDataset as e:  # a bad row, like an unreadable image: skipped, counted
+            data, file, reason = None, None, f"outside_dataset: {e} (--allow-outside-paths reads it)"
         prev = previous.get(path)
         if data is None and file is None:
-            item.probe = {"id": None, "status": "skipped", "reason": "no_image: the row has no image data",
-                          "image_flags": []}
+            item.probe = {"id": None, "status": "skipped", "reason": reason, "image_flags": []}
         elif data is not None and _reusable(prev, cfg, content=data):
             item.probe = _probe_from_row(prev)
         else:
@@ -271,7 +274,8 @@ def _chunk_counts(rows: list[dict], cfg: ScanConfig, previous: dict[str, dict]) 
 def _source(cfg: ScanConfig) -> tuple[dict, hf_source.HFSource | None]:
     if cfg.data_dir is None:
         src = hf_source.open_hf_dataset(cfg.hf_dataset, split=cfg.hf_split, image_column=cfg.image_column,
-                                        caption_column=cfg.caption_column)
+                                        caption_column=cfg.caption_column,
+                                        allow_outside_paths=cfg.allow_outside_paths)
         return src.meta(), src
     root = Path(cfg.data_dir).expanduser().resolve()
     if not root.is_dir():
