@@ -287,6 +287,10 @@ def train(
     force: Optional[bool] = typer.Option(None, "--force", help="Resume despite a changed batch size or objective."),
     seed: Optional[int] = typer.Option(None, help="Seed for everything random."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
+    max_skipped_fraction: Optional[float] = typer.Option(
+        None, "--max-skipped-fraction", "--max_skipped_fraction",
+        help="Exit 2 at the end when more than this share of the updates was skipped (default 0.01).",
+    ),
     sample_prompts: Optional[Path] = typer.Option(
         None, "--sample-prompts", "--sample_prompts", help="File of sample prompts, one a line (kohya style: --n --w --h --d --s --l)."
     ),
@@ -317,7 +321,7 @@ def train(
         "gradient_checkpointing": gradient_checkpointing, "compile": enable_compile, "compile_mode": compile_mode,
         "compile_scope": compile_scope, "checkpoints.every_steps": save_checkpoints, "logging.wandb": use_wandb,
         "logging.wandb_project": wandb_project, "logging.wandb_run_name": wandb_run_name, "resume": resume,
-        "force": force, "seed": seed, "device": device,
+        "force": force, "seed": seed, "device": device, "max_skipped_fraction": max_skipped_fraction,
         "samples.prompts": sample_prompts, "samples.every_steps": sample_every_n_steps,
         "samples.every_samples": sample_every_n_samples, "samples.sampler": sample_sampler,
     }  # fmt: skip

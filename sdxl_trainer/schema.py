@@ -182,6 +182,38 @@ def read_json(path: Path, *, artifact: str, produced_by: str) -> dict:
     return doc
 
 
+
+def load_safetensors(path: Path, *, fix: str, device: str = "cpu") -> dict[str, Any]:
+    """Every tensor of a safetensors file; a missing, truncated or garbled one is a one-line UserError.
+
+    The one place the trainer reads safetensors from a RUN or WORK folder (checkpoints, the cache's
+    unconditional embedding): safetensors raises its own ``SafetensorError`` (a traceback for a user)
+    for a short or damaged header, which becomes the file's name and ``fix`` here.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("file not found", where=str(path), fix=fix)
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as e:
+        reason = " ".join(str(e).split())  # one line
+        raise UserError(f"damaged or truncated safetensors file ({reason})", where=str(path), fix=fix) from e
+
+
+def read_json_file(path: Path, *, fix: str) -> Any:
+    """A JSON file of a RUN or WORK folder; missing, unreadable, not UTF-8 or not JSON: a one-line UserError."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise UserError("file not found", where=str(path), fix=fix) from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = " ".join(str(e).split())
+        raise UserError(f"damaged JSON file ({reason})", where=str(path), fix=fix) from e
+
 # ── tag_weights.parquet and tag_stats.parquet (prep weights): tag-frequency loss weights ──────
 # docs/tag-weights.md gives the formula. tag_weights holds one row per ok manifest image; the
 # weights' mean over all rows is 1, so a trainer multiplying per-sample losses by them keeps the

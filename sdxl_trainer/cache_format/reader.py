@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file
 
 from sdxl_trainer.cache_format.finalise import read_meta
 from sdxl_trainer.cache_format.layout import (
@@ -32,6 +31,7 @@ from sdxl_trainer.cache_format.layout import (
     text_columns,
 )
 from sdxl_trainer.errors import UserError
+from sdxl_trainer.schema import load_safetensors
 
 MICRO_COLUMNS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
 _BASE_COLUMNS = ["id", "path", *MICRO_COLUMNS, "crop_left_flip", "captions", "tag_weight"]
@@ -65,7 +65,7 @@ def load_uncond(cache_dir: Path) -> dict[str, torch.Tensor]:
     path = Path(cache_dir) / UNCOND_NAME
     if not path.is_file():
         raise UserError("the cache has no unconditional embedding", where=str(path), fix="re-run `sdxl prep cache`")
-    return load_file(path)
+    return load_safetensors(path, fix="re-run `sdxl prep cache` (it rewrites the unconditional embedding)")
 
 
 class Shard:

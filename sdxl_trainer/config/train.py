@@ -195,6 +195,11 @@ class TrainConfig(Section):
     num_steps: int | None = Field(None, ge=1, description="run length in updates")
     num_epochs: float | None = Field(None, gt=0, description="run length in passes over the training split")
     max_consecutive_skips: int = Field(10, ge=1, description="stop after this many non-finite updates in a row")
+    max_skipped_fraction: float = Field(
+        0.01, ge=0, le=1,
+        description="end with an error (exit 2, after the last checkpoint) when more than this share of the updates "
+        "was skipped; their sample ids are in RUN/skipped.jsonl",
+    )
     objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
     latents: LatentSection = Field(default_factory=LatentSection)
     loss: LossSection = Field(default_factory=LossSection)

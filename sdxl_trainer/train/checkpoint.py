@@ -35,7 +35,6 @@ from sdxl_trainer.train.checkpoint_dir import (
     keep_last,
     load_state,
     load_tensors,
-    resolve_resume,
     save_state,
     save_tensors,
     write_checkpoint,
@@ -166,10 +165,10 @@ def check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
         )
 
 
-def resume(cfg: TrainConfig, parts: dict[str, Any]) -> Path:
-    folder = resolve_resume(Path(cfg.out), cfg.resume)
+def resume(cfg: TrainConfig, parts: dict[str, Any], folder: Path) -> Path:
+    """Load every part's state from ``folder``, which integrity.check_resume has verified (checksums,
+    settings) before the run wrote or loaded anything."""
     state = load_state(folder, "state")
-    check_resume_config(state["config"], cfg)
     strict = not cfg.force
     load_trainable_state(parts["unet"], cfg, load_tensors(folder / "trainable.safetensors"))
     if parts.get("text") is not None and parts["text"].train:

@@ -1,7 +1,8 @@
 """Atomic checkpoint directories under ``RUN/checkpoints/`` and the state files inside them.
 
 A checkpoint is written into ``checkpoints/.tmp-<name>-<random>/``, every file and folder in it is
-fsynced, a ``checkpoint.json`` marker is written last, and only then is the folder renamed to
+fsynced, a ``checkpoint.json`` marker (every file's size and SHA-256, read back from disk; checked
+before a resume by train/integrity.py) is written last, and only then is the folder renamed to
 ``checkpoints/<name>/``; the ``latest`` file (one line: the name) is then replaced atomically. A
 kill at any moment therefore leaves ``latest`` naming a complete checkpoint:
 
@@ -30,16 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from sdxl_trainer import __version__
 from sdxl_trainer.errors import UserError
+from sdxl_trainer.schema import load_safetensors, read_json_file
+from sdxl_trainer.train.checksums import ALGORITHM, digests
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MARKER = "checkpoint.json"
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
+RESUME_ANOTHER = "resume from another checkpoint (--resume RUN/checkpoints/<name>)"
 
 
 # ── directories ─────────────────────────────────────────────────────────────────────────────
@@ -74,6 +78,8 @@ def _write_marker(tmp: Path, name: str, serial: int) -> None:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "package_version": __version__,
         "files": files,
+        # read back from disk after writing: what a resume compares with (train/integrity.py)
+        "checksums": {"algorithm": ALGORITHM, "files": digests(tmp, files)},
     }
     (tmp / MARKER).write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -315,10 +321,8 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 def load_tensors(path: Path, *, device: str = "cpu") -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError("state file not found", where=str(path), fix="resume from a complete checkpoint")
-    return load_file(str(path), device=device)
+    """A checkpoint's tensors; a missing, truncated or damaged file is a one-line UserError."""
+    return load_safetensors(path, device=device, fix=RESUME_ANOTHER)
 
 
 def save_state(folder: Path, stem: str, state: Mapping[str, Any]) -> None:
@@ -330,11 +334,5 @@ def save_state(folder: Path, stem: str, state: Mapping[str, Any]) -> None:
 
 def load_state(folder: Path, stem: str, *, device: str = "cpu") -> dict[str, Any]:
     """Read back what :func:`save_state` wrote."""
-    path = Path(folder) / f"{stem}.json"
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise UserError("state file not found", where=str(path), fix="resume from a complete checkpoint") from e
-    except json.JSONDecodeError as e:
-        raise UserError(f"state file is not valid JSON ({e})", where=str(path)) from e
+    doc = read_json_file(Path(folder) / f"{stem}.json", fix=RESUME_ANOTHER)
     return unflatten_state(load_tensors(Path(folder) / f"{stem}.safetensors", device=device), doc)

@@ -35,10 +35,11 @@ from sdxl_trainer.train.compile import compile_model
 from sdxl_trainer.train.data import CacheDataset
 from sdxl_trainer.train.loader import CacheLoader
 from sdxl_trainer.train.ema import EMA
+from sdxl_trainer.train.integrity import SKIP_LOG, check_resume, check_skipped_fraction, log_skip, refuse_non_finite
 from sdxl_trainer.train.lr_schedule import LRSchedule
 from sdxl_trainer.train.optim import build_optimizer, param_groups
 from sdxl_trainer.train.samples import build_sample_rounds
-from sdxl_trainer.train.sinks import close_sinks, emit, log_line, open_sinks
+from sdxl_trainer.train.sinks import close_sinks, emit, log_line, open_sinks, truncate_log
 from sdxl_trainer.train.state import TrainState
 from sdxl_trainer.train.step import StepResult, TrainStep, build_latent_norm, build_train_step, validation_levels
 from sdxl_trainer.train.text_mode import TextMode, build_text_mode
@@ -209,12 +210,15 @@ class Window:
         return record
 
 
-def on_skip(cfg: TrainConfig, parts: dict[str, Any], info: dist.DistInfo, exports: dict[str, Any]) -> None:
-    """Log a skipped update; after K in a row, save (the weights are still the last good ones) and stop."""
+def on_skip(cfg: TrainConfig, parts: dict[str, Any], info: dist.DistInfo, exports: dict[str, Any], micro: list) -> None:
+    """Log a skipped update (its sample ids: RUN/skipped.jsonl); after K in a row, save (the weights are
+    still the last good ones, unless the update before went non-finite: refused) and stop."""
     state = parts["state"]
     console.info(f"step {state.step}: non-finite loss or gradient, update skipped ({state.consecutive_skips} in a row)")
+    log_skip(Path(cfg.out), state, micro, info)
     if state.consecutive_skips < cfg.max_consecutive_skips:
         return
+    refuse_non_finite(cfg, parts)
     if info.is_main:  # resuming from it continues past the bad batches
         save_checkpoint(cfg, parts, exports=exports)
     dist.barrier(info, "checkpoint before stopping")  # torchrun stops every rank when one exits: let it finish
@@ -249,13 +253,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # 1. processes: one, or one per GPU under torchrun; every collective has a timeout
     info = dist.init(device=cfg.device)
     device = dist.local_device(info, cfg.device)
+    # Nothing is written into RUN/ until every start-up check has passed: a refused start leaves it as it was.
     out = Path(cfg.out)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        prepare_checkpoints(out)
-        dump_config(cfg, out / "config.yaml")
-    sinks = open_sinks(cfg, out, main=info.is_main)  # before anything slow: a missing package fails fast
-    dist.barrier(info, "train start")
+        prepare_checkpoints(out)  # finish what a killed checkpoint writer left (nothing in a new run)
+    dist.barrier(info, "checkpoints prepared")
+    resume_from = check_resume(cfg) if cfg.resume else None  # complete, checksums, settings: before anything slow
+    open_sinks(cfg, out, main=False)  # only checks the packages: a missing one fails fast
+    sinks: list = []  # opened once RUN/ may be written (below); the sample rounds hold this list
 
     # 2. data: bucket-pure batches from the cache, this rank's share, read ahead on threads
     tag_weights = Path(cfg.work) / "tag_weights.parquet" if cfg.loss.tag_weights else None
@@ -300,9 +305,20 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                   sinks=sinks, n_updates=n_updates)  # fmt: skip
 
     # 6. resume: weights, optimiser, schedule, data position, EMA, counters
-    if cfg.resume:
-        folder = resume(cfg, parts)
-        console.info(f"resumed from {folder} at step {state.step} ({state.samples_seen} samples)")
+    if resume_from is not None:
+        resume(cfg, parts, resume_from)
+        console.info(f"resumed from {resume_from} at step {state.step} ({state.samples_seen} samples)")
+
+    # every check has passed: the run folder is written from here on
+    metrics = out / "metrics.jsonl"
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+        if resume_from is not None:  # the updates after the checkpoint are done again: their old records go
+            for log in (metrics, out / SKIP_LOG):
+                truncate_log(log, after_step=state.step)
+    sinks.extend(open_sinks(cfg, out, main=info.is_main))
+    dist.barrier(info, "train start")
 
     # held-out split, fixed levels and fixed noise: a validation loss comparable across runs and resumes
     val_loader, val_levels = None, None
@@ -312,7 +328,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         val_levels = validation_levels(step.objective, cfg.validation.levels, device=device)
 
     # 7. the loop: k micro-batches → one update; log, validate and checkpoint on their cadences
-    metrics, last_ckpt, record = out / "metrics.jsonl", None, {}
+    last_ckpt, record = None, {}
     stream, window = batch_stream(loader), Window(device)
     try:
         with console.training_progress(n_updates, done=state.step, enabled=info.is_main) as bar:
@@ -329,7 +345,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 bar.advance()
                 window.add(result)
                 if result.skipped:
-                    on_skip(cfg, parts, info, exports)
+                    on_skip(cfg, parts, info, exports, micro)
                 val_now = val_loader is not None and state.step % cfg.validation.every_steps == 0
                 # step 1 too: a run logged to a file shows its loss and speed from the first update
                 if val_now or state.step % cfg.logging.every_steps == 0 or state.step in (1, n_updates):
@@ -344,6 +360,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                         bar.report(record)
                 window.t0 += samples.after_update(state, samples_before)  # when due: rank 0 renders, others wait
                 if checkpoint_due(cfg, state, samples_before) or state.step == n_updates:
+                    refuse_non_finite(cfg, parts)  # every rank: never a checkpoint (or 'latest') of NaN
                     if info.is_main:
                         last_ckpt = save_checkpoint(cfg, parts, exports=exports)
                     dist.barrier(info, f"checkpoint at step {state.step}")
@@ -353,5 +370,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             val_loader.close()
         close_sinks(sinks)
     dist.shutdown(info)
+    check_skipped_fraction(cfg, state)  # after the last checkpoint: an error, but nothing lost
     return {"steps": state.step, "samples": state.samples_seen, "skipped": state.skipped,
             "last": record, "checkpoint": None if last_ckpt is None else str(last_ckpt)}  # fmt: skip

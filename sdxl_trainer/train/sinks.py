@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+from sdxl_trainer import console
 from sdxl_trainer.config.train import TrainConfig
 from sdxl_trainer.errors import UserError
 
@@ -18,6 +20,35 @@ from sdxl_trainer.errors import UserError
 def log_line(path: Path, record: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path: Path, *, after_step: int) -> int:
+    """Drop the records of steps after ``after_step`` from a JSON-lines log (and a torn last line from a
+    kill mid-write): a resume redoes those steps, so each step is logged once. Written to a temporary
+    file and os.replace'd: a kill leaves the old log or the new one. Returns how many records went."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            step = None
+            dropped += 1
+            continue
+        if isinstance(step, int) and step > after_step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        console.info(f"{path.name}: {dropped} records after step {after_step} removed (the resume redoes those steps)")
+    return dropped
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
