@@ -171,6 +171,9 @@ def cache(
     caption_prob: Optional[float] = typer.Option(None, help="Chance a variant uses the caption over the tags."),
     shard_max_mb: Optional[int] = typer.Option(None, help="Close a shard at this size."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Rebuild a cache made with other settings."),
+    allow_model_change: Optional[bool] = typer.Option(
+        None, "--allow-model-change", help="Accept latent_stats.json measured with another VAE."
+    ),
     verify: bool = typer.Option(False, "--verify", help="Re-check row counts, shapes and finiteness afterwards."),
     config: Optional[Path] = CONFIG_OPT,
     force_unlock: bool = UNLOCK_OPT,
@@ -181,7 +184,8 @@ def cache(
     overrides = {"work": work, "model": model, "vae": vae, "vae_dtype": vae_dtype, "text_dtype": text_dtype,
                  "device": device, "batch_size": batch_size, "crop": crop, "flip": flip, "max_chunks": max_chunks,
                  "variants.count": variants, "variants.keep_first": keep_first, "variants.max_dropout": max_dropout,
-                 "variants.caption_prob": caption_prob, "shard_max_mb": shard_max_mb, "overwrite": overwrite}  # fmt: skip
+                 "variants.caption_prob": caption_prob, "shard_max_mb": shard_max_mb, "overwrite": overwrite,
+                 "allow_model_change": allow_model_change}  # fmt: skip
     cfg = load(CacheConfig, config, overrides)
     with one_writer(cfg.work, "prep cache", force_unlock):
         stage.run(cfg, verify_after=verify)
@@ -285,6 +289,9 @@ def train(
     wandb_run_name: Optional[str] = typer.Option(None, "--wandb-run-name", "--wandb_run_name"),
     resume: Optional[str] = typer.Option(None, help="latest | a run or checkpoint folder."),
     force: Optional[bool] = typer.Option(None, "--force", help="Resume despite a changed batch size or objective."),
+    allow_model_change: Optional[bool] = typer.Option(
+        None, "--allow-model-change", help="Train although the cache, latent stats or checkpoint came from other model parts."
+    ),
     seed: Optional[int] = typer.Option(None, help="Seed for everything random."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
     max_skipped_fraction: Optional[float] = typer.Option(
@@ -321,7 +328,8 @@ def train(
         "gradient_checkpointing": gradient_checkpointing, "compile": enable_compile, "compile_mode": compile_mode,
         "compile_scope": compile_scope, "checkpoints.every_steps": save_checkpoints, "logging.wandb": use_wandb,
         "logging.wandb_project": wandb_project, "logging.wandb_run_name": wandb_run_name, "resume": resume,
-        "force": force, "seed": seed, "device": device, "max_skipped_fraction": max_skipped_fraction,
+        "force": force, "allow_model_change": allow_model_change, "seed": seed, "device": device,
+        "max_skipped_fraction": max_skipped_fraction,
         "samples.prompts": sample_prompts, "samples.every_steps": sample_every_n_steps,
         "samples.every_samples": sample_every_n_samples, "samples.sampler": sample_sampler,
     }  # fmt: skip

@@ -15,6 +15,8 @@ import datetime as _dt
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -153,12 +155,34 @@ def _check_meta(meta: dict, path: Path, artifact: str, produced_by: str) -> None
         )
 
 
-def read_table(path: Path, *, artifact: str, produced_by: str) -> tuple[pa.Table, dict]:
-    """Read a Parquet artifact and its provenance record, refusing a missing or foreign file."""
+@contextmanager
+def reading_parquet(path: Path, *, fix: str) -> Iterator[None]:
+    """Every Parquet read of user data goes through this: a damaged file (truncated, bytes flipped,
+    a failed page checksum) or an OS error becomes one line naming the file and what to do.
+
+    pyarrow raises ``ArrowInvalid`` ("Parquet magic bytes not found"), ``OSError`` ("Corrupt snappy
+    compressed data", "CRC checksum verification failed") and others without the file's name.
+    """
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"cannot read this Parquet file, it is damaged or unreadable ({detail})",
+                        where=str(path), fix=fix) from e  # fmt: skip
+
+
+def rerun(produced_by: str) -> str:
+    """The fix line of a damaged artifact: write it again."""
+    return f"re-run `{produced_by}` to write it again"
+
+
+def read_table(path: Path, *, artifact: str, produced_by: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:
+    """Read a Parquet artifact and its provenance record, refusing a missing, damaged or foreign file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{artifact} not found", where=str(path), fix=f"run `{produced_by}` first")
-    table = pq.read_table(path)
+    with reading_parquet(path, fix=rerun(produced_by)):
+        table = pq.read_table(path, columns=columns)
     raw = (table.schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise UserError(

@@ -31,6 +31,7 @@ from sdxl_trainer.cache_format.layout import (
     row_bytes,
     tensor_to_fp16_bytes,
 )
+from sdxl_trainer.cache_format.prune import prune
 from sdxl_trainer.cache_format.reader import Shard, ShardInfo, decode_batch, list_groups, load_uncond, read_rows
 from sdxl_trainer.cache_format.resume import check_config, clean_partial, completed_ids, remove_cache
 from sdxl_trainer.cache_format.verify import VerifyReport, verify
@@ -55,6 +56,7 @@ __all__ = [
     "fp16_bytes_to_tensor",
     "list_groups",
     "load_uncond",
+    "prune",
     "read_meta",
     "read_rows",
     "remove_cache",

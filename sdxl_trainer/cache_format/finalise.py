@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 
+from sdxl_trainer.cache_format.checksum import logged_sums, sums_for_finalise
 from sdxl_trainer.cache_format.layout import (
     META_ARTIFACT,
     META_NAME,
@@ -28,6 +29,7 @@ from sdxl_trainer.cache_format.layout import (
     Group,
     list_shard_paths,
     list_temp_paths,
+    reading_shard,
     samples_dir,
     text_columns,
 )
@@ -52,7 +54,8 @@ def _part(column: str) -> str:
 
 def shard_footer(path: Path) -> dict[str, Any]:
     """Rows, file bytes and bytes per part of one shard, from its footer alone."""
-    md = pq.read_metadata(path)
+    with reading_shard(path):
+        md = pq.read_metadata(path)
     parts: dict[str, int] = collections.Counter()
     for i in range(md.num_row_groups):
         rg = md.row_group(i)
@@ -91,7 +94,8 @@ def _scan_ids(paths: list[Path], dims: CacheDims) -> tuple[int, dict[int, int]]:
     flipped, variants = 0, collections.Counter()
     pooled = [text_columns(k)[1] for k in range(dims.variants)]
     for path in paths:
-        t = pq.ParquetFile(path).read(columns=["id", "crop_left_flip", *pooled])
+        with reading_shard(path):
+            t = pq.ParquetFile(path).read(columns=["id", "crop_left_flip", *pooled])
         for i in t.column("id").to_pylist():
             if i in seen:
                 raise UserError(
@@ -106,10 +110,12 @@ def _scan_ids(paths: list[Path], dims: CacheDims) -> tuple[int, dict[int, int]]:
     return flipped, dict(variants)
 
 
-def finalise(cache_dir: Path, *, config: Any, dims: CacheDims, uncond: Mapping[str, Any] | None) -> dict[str, Any]:
+def finalise(cache_dir: Path, *, config: Any, dims: CacheDims, uncond: Mapping[str, Any] | None,
+             extra: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Write uncond.safetensors and cache_meta.json (rank 0, after all ranks are done).
 
     ``uncond`` holds the empty prompt's ``text_hidden`` ((k·77)×D) and ``text_pooled`` (P).
+    ``extra`` adds top-level keys (the cache stage's model fingerprint and manifest record).
     Returns the metadata document, which also carries the bytes per sample and the total.
     """
     cache_dir = Path(cache_dir)
@@ -125,10 +131,11 @@ def finalise(cache_dir: Path, *, config: Any, dims: CacheDims, uncond: Mapping[s
     listed = list_shard_paths(cache_dir)
     shards, groups = [], collections.defaultdict(lambda: {"rows": 0, "bytes": 0, "shards": 0})
     parts: dict[str, int] = collections.Counter()
+    logged = logged_sums(cache_dir)
     for group, path in listed:
         info = shard_footer(path)
         rel = path.relative_to(samples_dir(cache_dir)).as_posix()
-        shards.append({"path": rel, "rows": info["rows"], "bytes": info["bytes"]})
+        shards.append({"path": rel, "rows": info["rows"], **sums_for_finalise(cache_dir, path, logged)})
         g = groups[group]
         g["rows"], g["bytes"], g["shards"] = g["rows"] + info["rows"], g["bytes"] + info["bytes"], g["shards"] + 1
         parts.update(info["parts"])
@@ -150,6 +157,8 @@ def finalise(cache_dir: Path, *, config: Any, dims: CacheDims, uncond: Mapping[s
         "bytes_per_sample_by_part": {k: v / rows for k, v in sorted(parts.items())} if rows else {},
         "groups": [{**g._asdict(), **v} for g, v in sorted(groups.items())],
         "uncond": UNCOND_NAME if uncond is not None else None,
+        "checksums": "sha256",  # every shard's bytes, sha256 and footer_sha256 (cache_format/checksum.py)
+        **dict(extra or {}),
         "shards": shards,
     }
     write_json(doc, cache_dir / META_NAME, artifact=META_ARTIFACT, config=config)

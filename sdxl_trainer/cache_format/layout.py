@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sdxl_trainer.errors import UserError
-from sdxl_trainer.schema import META_KEY, SCHEMA_VERSION
+from sdxl_trainer.schema import META_KEY, SCHEMA_VERSION, reading_parquet
 
 SAMPLES_DIR = "samples"
 META_NAME = "cache_meta.json"
@@ -41,6 +41,13 @@ GROUP_RE = re.compile(r"^bucket=(\d+)x(\d+)/chunks=(\d+)$")
 # In-flight shards: the dot hides them from pyarrow.dataset (it skips "." and "_" names) and the
 # suffix from any "*.parquet" glob, so no reader ever sees half a shard.
 TMP_SUFFIX = ".tmp"
+# A damaged shard costs only its own rows: the cache stage re-encodes whatever is not in a shard.
+SHARD_FIX = f"delete this shard and re-run `{PRODUCED_BY}` (it re-encodes only this shard's rows)"
+
+
+def reading_shard(path: Path):
+    """Context manager: a damaged shard's pyarrow/OS error becomes one line naming it (schema.reading_parquet)."""
+    return reading_parquet(path, fix=SHARD_FIX)
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,8 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
         # min/max statistics of megabyte-sized values would bloat every footer for nothing
         "write_statistics": ["id", "bucket_width", "bucket_height", "n_chunks"],
         "use_dictionary": ["path", "bucket_width", "bucket_height", "n_chunks"],
+        # a CRC per data page, checked by every read (reader.Shard): damage is caught where it is read
+        "write_page_checksum": True,
     }
 
 
@@ -203,7 +212,9 @@ def shard_meta(schema: pa.Schema, path: Path) -> dict[str, Any]:
 
 
 def read_shard_meta(path: Path) -> dict[str, Any]:
-    return shard_meta(pq.read_schema(path), path)
+    with reading_shard(path):
+        schema = pq.read_schema(path)
+    return shard_meta(schema, path)
 
 
 # ── tensors ⇄ bytes ──────────────────────────────────────────────────────────────────────────────

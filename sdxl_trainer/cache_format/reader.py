@@ -26,6 +26,7 @@ from sdxl_trainer.cache_format.layout import (
     Group,
     binary_to_tensor,
     list_shard_paths,
+    reading_shard,
     samples_dir,
     shard_meta,
     text_columns,
@@ -55,7 +56,10 @@ def list_groups(cache_dir: Path) -> dict[Group, list[ShardInfo]]:
     groups: dict[Group, list[ShardInfo]] = {}
     for group, path in list_shard_paths(cache_dir):
         rel = path.relative_to(samples_dir(cache_dir)).as_posix()
-        rows = known[rel] if rel in known else pq.read_metadata(path).num_rows
+        if rel not in known:
+            with reading_shard(path):
+                known[rel] = pq.read_metadata(path).num_rows
+        rows = known[rel]
         groups.setdefault(group, []).append(ShardInfo(path, rows))
     return groups
 
@@ -74,7 +78,10 @@ class Shard:
     def __init__(self, path: Path, *, use_threads: bool = True, memory_map: bool = True):
         self.path = Path(path)
         self.use_threads = use_threads
-        self._file = pq.ParquetFile(self.path, memory_map=memory_map)
+        with reading_shard(self.path):
+            # page checksums (written since cache checksums exist) are verified on every read: a
+            # damaged data page stops training with the shard's name instead of feeding it garbage
+            self._file = pq.ParquetFile(self.path, memory_map=memory_map, page_checksum_verification=True)
         meta = shard_meta(self._file.schema_arrow, self.path)
         self.dims = CacheDims.from_dict(meta["dims"])
         self.group = Group(**meta["group"])
@@ -90,7 +97,8 @@ class Shard:
         rg = self.row_groups_of(rows)
         needed, first_seen = np.unique(rg, return_index=True)
         needed = needed[np.argsort(first_seen)]  # read in request order: often no take needed after
-        table = self._file.read_row_groups(needed.tolist(), columns=columns, use_threads=self.use_threads)
+        with reading_shard(self.path):
+            table = self._file.read_row_groups(needed.tolist(), columns=columns, use_threads=self.use_threads)
         sizes = self._starts[needed + 1] - self._starts[needed]
         offset = np.zeros(self._starts.size, dtype=np.int64)
         offset[needed] = np.concatenate([[0], np.cumsum(sizes)[:-1]])

@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from sdxl_trainer.cache_format.checksum import CHECKSUM_DIR
 from sdxl_trainer.cache_format.layout import (
     META_ARTIFACT,
     META_NAME,
@@ -28,6 +29,7 @@ from sdxl_trainer.cache_format.layout import (
     list_shard_paths,
     list_temp_paths,
     read_shard_meta,
+    reading_shard,
     samples_dir,
 )
 from sdxl_trainer.errors import UserError
@@ -89,6 +91,7 @@ def remove_cache(cache_dir: Path) -> None:
     if samples_dir(cache_dir).exists():
         shutil.rmtree(samples_dir(cache_dir))
     (cache_dir / UNCOND_NAME).unlink(missing_ok=True)
+    shutil.rmtree(cache_dir / CHECKSUM_DIR, ignore_errors=True)
 
 
 def clean_partial(cache_dir: Path, *, rank: int | None = None) -> list[Path]:
@@ -103,9 +106,7 @@ def completed_ids(cache_dir: Path) -> set[str]:
     """Ids already in the cache, read from the id column alone (no tensor bytes are touched)."""
     done: set[str] = set()
     for _, path in list_shard_paths(cache_dir):
-        try:
+        with reading_shard(path):  # a damaged file: atomic writes make this a disk or user problem
             ids = pq.ParquetFile(path).read(columns=["id"]).column("id").to_pylist()
-        except Exception as e:  # a damaged file: atomic writes make this a disk or user problem
-            raise UserError(f"cannot read cache shard ({e})", where=str(path), fix="delete it and re-run") from e
         done.update(ids)
     return done

@@ -1,8 +1,10 @@
 """``prep cache --verify``: re-read every shard and check it against cache_meta.json.
 
-Checks row counts (per shard, per group, in total), that every id appears once, that every tensor
-has the byte size its group and the dims imply, that every value is finite, and that variants and
-flip copies are consistent. Reads one row group at a time, so memory stays small.
+Checks every shard's size and SHA-256 against the sums recorded when it was written (finite garbage
+of the right size is caught only here), row counts (per shard, per group, in total), that every id
+appears once, that every tensor has the byte size its group and the dims imply, that every value is
+finite, and that variants and flip copies are consistent. Reads one row group at a time, so memory
+stays small.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from safetensors.torch import load_file
 
+from sdxl_trainer.cache_format.checksum import file_sha256
 from sdxl_trainer.cache_format.finalise import groups_in_meta, read_meta
 from sdxl_trainer.cache_format.layout import (
     LATENT_COLUMNS,
@@ -46,6 +49,7 @@ class VerifyReport:
     shards: int = 0
     problems: list[str] = field(default_factory=list)
     omitted: int = 0  # problems found beyond MAX_PROBLEMS
+    warnings: list[str] = field(default_factory=list)  # not wrong, but unchecked (a cache without checksums)
 
     @property
     def ok(self) -> bool:
@@ -147,6 +151,15 @@ def _check_uncond(cache_dir: Path, dims: CacheDims, report: VerifyReport) -> Non
         report.add(f"{UNCOND_NAME}: text_pooled has the wrong shape or a value is not finite")
 
 
+def _check_sums(path: Path, recorded: dict, where: str, report: VerifyReport) -> None:
+    size = path.stat().st_size
+    if size != recorded["bytes"]:
+        report.add(f"{where}: {size} bytes, cache_meta.json recorded {recorded['bytes']} (the file changed after it was written)")
+    elif file_sha256(path) != recorded["sha256"]:
+        report.add(f"{where}: SHA-256 differs from the one recorded when it was written (its bytes changed: "
+                   f"a disk or copy error, or an edit)")  # fmt: skip
+
+
 def verify(cache_dir: Path) -> VerifyReport:
     """Re-check a finalised cache; ``report.ok`` is True when nothing is wrong."""
     cache_dir = Path(cache_dir)
@@ -156,12 +169,18 @@ def verify(cache_dir: Path) -> VerifyReport:
     for tmp in list_temp_paths(cache_dir):
         report.add(f"{tmp}: unfinished shard (a run is still writing, or was killed)")
     in_meta = {s["path"]: s["rows"] for s in meta["shards"]}
+    sums = {s["path"]: s for s in meta["shards"] if "sha256" in s}
+    if len(sums) < len(in_meta):
+        report.warnings.append(f"{len(in_meta) - len(sums)} shard(s) have no recorded checksum (written before "
+                               "checksums existed): their bytes cannot be compared with what was written")  # fmt: skip
     on_disk = {p.relative_to(samples_dir(cache_dir)).as_posix(): (g, p) for g, p in list_shard_paths(cache_dir)}
     for rel in sorted(set(in_meta) - set(on_disk)):
         report.add(f"{rel}: listed in cache_meta.json but missing")
     seen: dict[str, str] = {}
     rows_by_group: dict[Group, int] = {}
     for rel, (group, path) in on_disk.items():
+        if rel in sums:
+            _check_sums(path, sums[rel], rel, report)
         rows = _check_shard(path, group, dims, rel, seen, report)
         if rel not in in_meta:
             report.add(f"{rel}: not in cache_meta.json (written after finalise?)")

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sdxl_trainer.cache_format import checksum
 from sdxl_trainer.cache_format.layout import (
     LATENT_COLUMNS,
     SHARD_ARTIFACT,
@@ -190,6 +191,7 @@ class CacheWriter:
         row_group_max_bytes: int = 1 * MiB,
         row_group_max_rows: int = 256,
         buffer_max_bytes: int = 1024 * MiB,
+        provenance: dict[str, Any] | None = None,
     ):
         if not 0 <= rank < world_size or rank > 999:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size}) or above 999")
@@ -204,6 +206,7 @@ class CacheWriter:
         self._schema = cache_schema(dims.variants)
         self._meta = artifact_meta(SHARD_ARTIFACT, config)
         self._meta.update(dims=dims.to_dict(), rank=rank, world_size=world_size)
+        self._meta.update(provenance or {})  # e.g. the model fingerprint (models/fingerprint.py)
         self._buffers: dict[Group, _Buffer] = {}
         self._buffered = 0
         self._ids: set[str] = set()
@@ -246,6 +249,7 @@ class CacheWriter:
         per_group = max(1, min(self.row_group_max_rows, self.row_group_max_bytes * len(buf.rows) // buf.nbytes))
         try:
             write_shard_atomic(table, path, row_group_size=per_group)
+            checksum.record(self.cache_dir, self.rank, path)  # hashed while its bytes are in the page cache
         except BaseException:
             self._broken = True
             raise

@@ -155,4 +155,7 @@ class CacheConfig(Section):
     variants: CaptionVariantsConfig = Field(default_factory=CaptionVariantsConfig)
     shard_max_mb: int = Field(256, ge=1, description="a cache shard is closed at this size")
     seed: int = Field(0, description="random crops")
-    overwrite: bool = Field(False, description="discard an existing cache built with a different config")
+    overwrite: bool = Field(False, description="discard an existing cache built with a different config or model")
+    allow_model_change: bool = Field(
+        False, description="accept WORK/latent_stats.json measured with another VAE than this one (a warning instead)"
+    )

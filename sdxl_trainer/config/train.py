@@ -177,6 +177,11 @@ class TrainConfig(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
     resume: str | None = Field(None, description="latest | a run or checkpoint folder")
     force: bool = Field(False, description="resume even with a changed batch size or objective")
+    allow_model_change: bool = Field(
+        False,
+        description="train although the cache, latent_stats.json or the resumed checkpoint was made with other "
+        "model parts than --model (a warning instead of an error)",
+    )
     batch_size: int = Field(4, ge=1, description="samples per device per micro-batch")
     gradient_accumulation_steps: int = Field(1, ge=1)
     precision: Precision = Field("bf16", description="autocast dtype; the weights stay fp32 (see optimizer.bf16_weights)")

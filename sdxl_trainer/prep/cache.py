@@ -26,11 +26,12 @@ from sdxl_trainer.cache_format import CacheDims, CacheRow, CacheWriter, check_co
 from sdxl_trainer.cache_format import Group, finalise, row_bytes, verify
 from sdxl_trainer.config import CacheConfig
 from sdxl_trainer.errors import UserError
+from sdxl_trainer.models import fingerprint
 from sdxl_trainer.models.loading import load_text_encoders, load_tokenizers, load_vae
 from sdxl_trainer.models.text import count_chunks, encode_prompts
+from sdxl_trainer.prep.cache_sync import check_cache_model, check_latent_stats, sync_with_manifest, variant_texts
 from sdxl_trainer.prep.pixels import PixelSource, read_manifest
 from sdxl_trainer.prep.transforms import apply_crop, flipped_crop_left, plan_crop, to_tensor
-from sdxl_trainer.caption_variants import make_variants, variant_inputs
 
 MiB = 1 << 20
 
@@ -84,11 +85,7 @@ class Encoder:
         return dist_.mean.float().cpu(), dist_.std.float().cpu()
 
     def captions(self, row: dict) -> tuple[list[str], int]:
-        tags, caption = variant_inputs(tags=row["tags"], caption=row["caption"], caption_kind=row["caption_kind"])
-        texts = make_variants(
-            tags=tags, caption=caption, n=self.cfg.variants.count, seed=self.cfg.variants.seed,
-            image_id=row["id"], cfg=self.cfg.variants,
-        )  # fmt: skip
+        texts = variant_texts(self.cfg, row)
         # Every variant of an image shares one chunk count (shorter ones get empty chunks, as A1111
         # pads cond/uncond), so one image is one row in one (bucket, chunks) partition.
         n = max(count_chunks(self.tok1, t, max_chunks=self.cfg.max_chunks) for t in texts)
@@ -191,10 +188,14 @@ def _run(cfg: CacheConfig, info: dist.DistInfo, verify_after: bool) -> dict:
     vae_dtype, text_dtype = resolve_precision(cfg.vae_dtype, device), resolve_precision(cfg.text_dtype, device)
     enc = Encoder(cfg, device, vae_dtype, text_dtype)
     recorded = content_config(cfg, vae_dtype, text_dtype)
+    model_fp = fingerprint.model_fingerprint(cfg.model, vae=cfg.vae, parts=fingerprint.CACHE_PARTS)
     if info.is_main:
         check_config(cache, config=recorded, dims=enc.dims, overwrite=cfg.overwrite)
+        check_cache_model(cfg, cache, model_fp)
+        check_latent_stats(cfg, model_fp)
         # Every rank's leftovers, also those of ranks a killed run had and this one lacks.
         clean_partial(cache)
+        sync_with_manifest(cfg, cache, rows)  # a rescan: drop rows whose image left or changed
     dist.barrier(info, "cache config check")
     done = completed_ids(cache)
     share = [r for i, r in enumerate(rows) if i % info.world_size == info.rank and r["id"] not in done]
@@ -204,14 +205,19 @@ def _run(cfg: CacheConfig, info: dist.DistInfo, verify_after: bool) -> dict:
     skipped_log.parent.mkdir(parents=True, exist_ok=True)
     skipped_log.write_text("")  # this run's outcome; images skipped before are retried now
     with CacheWriter(cache, dims=enc.dims, config=recorded, rank=info.rank, world_size=info.world_size,
-                     shard_max_bytes=min(cfg.shard_max_mb, 1024) * MiB) as writer:  # fmt: skip
+                     shard_max_bytes=min(cfg.shard_max_mb, 1024) * MiB,
+                     provenance={"model_fingerprint": model_fp}) as writer:  # fmt: skip
         skipped = _encode_share(enc, writer, share, source, skipped_log)
     dist.barrier(info, "cache encoding finished")
     if not info.is_main:
         return {"rank": info.rank, "encoded": writer.rows_written, "skipped": skipped}
     with torch.no_grad():
         hidden, pooled = enc.text([""], 1)
-    meta = finalise(cache, config=recorded, dims=enc.dims, uncond={"text_hidden": hidden[0], "text_pooled": pooled[0]})
+    # what the trainer compares with the manifest: ok ids = cached ids + the ones skipped here
+    extra = {"model_fingerprint": model_fp, "manifest": {"ok_rows": len(rows)},
+             "skipped_ids": sorted({s["id"] for s in _skipped_rows(cache)})}  # fmt: skip
+    meta = finalise(cache, config=recorded, dims=enc.dims, uncond={"text_hidden": hidden[0], "text_pooled": pooled[0]},
+                    extra=extra)  # fmt: skip
     return _report(cfg, meta, cache, len(rows), len(done), verify_after)
 
 
@@ -269,8 +275,11 @@ def _report(cfg: CacheConfig, meta: dict, cache: Path, n_manifest: int, n_resume
     if verify_after:
         report = verify(cache)
         summary["verify_ok"] = report.ok
+        for w in report.warnings:
+            console.info(f"[yellow]warning: {w}[/]")
         if not report.ok:
             raise UserError(f"cache verification failed: {'; '.join(report.problems[:5])}", where=str(cache),
-                            fix="re-run with --overwrite to rebuild the cache")  # fmt: skip
+                            fix="delete the shard(s) named and re-run `sdxl prep cache WORK --model MODEL` (it "
+                            "re-encodes only their rows), or rebuild with --overwrite")  # fmt: skip
         console.info(f"[green]verified[/] {meta['rows']} rows: counts match, every tensor finite")
     return summary

@@ -32,6 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdxl_trainer.errors import UserError
+from sdxl_trainer.schema import reading_parquet
+
+_DAMAGED = "this dataset file is damaged: download or copy it again, then re-run `sdxl prep scan`"
 
 KNOWN_SPLITS = ("train", "validation", "valid", "test", "dev", "eval")
 IMAGE_NAMES = ("image", "img", "images", "jpg", "jpeg", "png", "webp", "picture")
@@ -111,7 +114,8 @@ def _parquet_split(path: Path, split: str | None) -> tuple[Path, str, list[str],
         rel = f.relative_to(root)
         by_split.setdefault(_split_of(rel), []).append(rel.as_posix())
     chosen = _pick_split(by_split, split, path)
-    meta = pq.read_schema(root / by_split[chosen][0]).metadata or {}
+    with reading_parquet(root / by_split[chosen][0], fix=_DAMAGED):
+        meta = pq.read_schema(root / by_split[chosen][0]).metadata or {}
     features = json.loads(meta[b"huggingface"]).get("info", {}).get("features", {}) if b"huggingface" in meta else {}
     return root, chosen, by_split[chosen], features
 
@@ -197,13 +201,15 @@ def _read_schema(path: Path, *, arrow: bool) -> pa.Schema:
     if arrow:
         with pa.memory_map(str(path)) as src:
             return pa.ipc.open_stream(src).schema
-    return pq.read_schema(path)
+    with reading_parquet(path, fix=_DAMAGED):
+        return pq.read_schema(path)
 
 
 def _n_rows(path: Path, *, arrow: bool) -> int:
     if arrow:
         return _arrow_table(str(path)).num_rows
-    return pq.ParquetFile(path).metadata.num_rows
+    with reading_parquet(path, fix=_DAMAGED):
+        return pq.ParquetFile(path).metadata.num_rows
 
 
 @functools.lru_cache(maxsize=4)
@@ -216,7 +222,8 @@ def _batches(path: Path, columns: list[str], *, arrow: bool, batch_rows: int) ->
     if arrow:
         yield from _arrow_table(str(path)).select(columns).to_batches(max_chunksize=batch_rows)
     else:
-        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
+        with reading_parquet(path, fix=_DAMAGED):
+            yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
 
 
 class OutsideDataset(ValueError):
@@ -258,6 +265,11 @@ def iter_rows(src: HFSource, *, batch_rows: int = 256) -> Iterator[tuple[str, st
 
 
 def _parquet_cell(path: Path, row: int, column: str) -> Any:
+    with reading_parquet(path, fix=_DAMAGED):
+        return _parquet_cell_unchecked(path, row, column)
+
+
+def _parquet_cell_unchecked(path: Path, row: int, column: str) -> Any:
     pf = _parquet_file(str(path))
     start = 0
     for g in range(pf.metadata.num_row_groups):

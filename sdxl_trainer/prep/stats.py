@@ -12,7 +12,6 @@ parallel update, which stays exact for millions of values where a running sum of
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from sdxl_trainer import console, dist
 from sdxl_trainer.config import StatsConfig
 from sdxl_trainer.errors import UserError
+from sdxl_trainer.models.fingerprint import model_fingerprint
 from sdxl_trainer.models.loading import load_vae, resolve_dtype
 from sdxl_trainer.prep.pixels import read_manifest
 from sdxl_trainer.prep.transforms import apply_crop, plan_crop, to_tensor
@@ -63,16 +63,6 @@ class ChannelMoments:
         return np.sqrt(self.m2 / max(self.count, 1))
 
 
-def vae_fingerprint(vae: torch.nn.Module) -> str:
-    """blake2b-128 of the VAE's config and weights: which VAE these statistics belong to."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr(sorted(dict(vae.config).items())).encode())
-    for name, tensor in sorted(vae.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _batches(rows: list[dict], batch_size: int):
     """Group rows by bucket (one tensor shape per batch), then cut into batches."""
     by_bucket: dict[tuple[int, int], list[dict]] = {}
@@ -84,8 +74,8 @@ def _batches(rows: list[dict], batch_size: int):
 
 
 @torch.no_grad()
-def measure(cfg: StatsConfig) -> tuple[ChannelMoments, str, int, int]:
-    """Encode the (sampled) kept images and return their latent moments, VAE fingerprint, count, failures."""
+def measure(cfg: StatsConfig) -> tuple[ChannelMoments, int, int]:
+    """Encode the (sampled) kept images and return their latent moments, count, failures."""
     rows, source = read_manifest(cfg.work)
     if cfg.max_images and len(rows) > cfg.max_images:
         rows = sorted(random.Random(cfg.seed).sample(rows, cfg.max_images), key=lambda r: r["path"])
@@ -116,19 +106,22 @@ def measure(cfg: StatsConfig) -> tuple[ChannelMoments, str, int, int]:
             advance(len(batch))
     if moments.count == 0:
         raise UserError("no image could be encoded", where=str(cfg.work / "manifest.parquet"), fix="re-run `sdxl prep scan`")
-    return moments, vae_fingerprint(vae), len(rows) - failed, failed
+    return moments, len(rows) - failed, failed
 
 
 def run(cfg: StatsConfig) -> dict:
     """Measure, write WORK/latent_stats.json, print the table beside SDXL's and NovelAI's values."""
-    moments, fingerprint, n_images, failed = measure(cfg)
+    # which VAE these statistics belong to: `prep cache` and `train` compare it with theirs
+    fingerprint = model_fingerprint(cfg.model, vae=cfg.vae, parts=("vae",))
+    moments, n_images, failed = measure(cfg)
     result = {
         "mean": [float(v) for v in moments.mean],
         "std": [float(v) for v in moments.std],
         "count": n_images,
         "values_per_channel": int(moments.count),
         "failed": failed,
-        "vae_fingerprint": fingerprint,
+        "vae_fingerprint": fingerprint["parts"]["vae"],
+        "model_fingerprint": fingerprint,
         "model": str(cfg.model),
         "vae": str(cfg.vae) if cfg.vae else None,
     }

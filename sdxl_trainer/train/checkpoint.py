@@ -26,8 +26,10 @@ import contextlib
 
 import torch
 
+from sdxl_trainer import console
 from sdxl_trainer.config import TrainConfig
 from sdxl_trainer.errors import UserError
+from sdxl_trainer.models import fingerprint
 from sdxl_trainer.models.export import save_diffusers_pipeline, save_single_file, unwrap_model
 from sdxl_trainer.models.loading import load_text_encoders, load_tokenizers, load_vae
 from sdxl_trainer.models.lora import load_lora_state_dict, lora_state_dict, save_lora_diffusers, save_lora_kohya
@@ -85,6 +87,7 @@ def save_checkpoint(cfg: TrainConfig, parts: dict[str, Any], *, exports: dict[st
             "ema": None if parts["ema"] is None else parts["ema"].state_dict(),
             "scaler": None if parts["step"].scaler is None else parts["step"].scaler.state_dict(),
             "config": cfg.model_dump(mode="json"),
+            "model_fingerprint": parts.get("model_fingerprint"),  # compared on resume (models/fingerprint.py)
         })  # fmt: skip
         export_model(folder, cfg, unet, exports, ema=parts["ema"])
 
@@ -169,6 +172,12 @@ def resume(cfg: TrainConfig, parts: dict[str, Any], folder: Path) -> Path:
     """Load every part's state from ``folder``, which integrity.check_resume has verified (checksums,
     settings) before the run wrote or loaded anything."""
     state = load_state(folder, "state")
+    if parts.get("model_fingerprint") is not None:
+        warning = fingerprint.check(state.get("model_fingerprint"), parts["model_fingerprint"], parts=fingerprint.ALL_PARTS,
+                                    what="the checkpoint", where=str(folder), model=str(cfg.model),
+                                    allow=cfg.allow_model_change, fix="resume with the checkpoint's --model")  # fmt: skip
+        if warning:
+            console.info(f"[yellow]warning: {warning}[/]")
     strict = not cfg.force
     load_trainable_state(parts["unet"], cfg, load_tensors(folder / "trainable.safetensors"))
     if parts.get("text") is not None and parts["text"].train:

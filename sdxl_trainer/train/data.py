@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sdxl_trainer.cache_format import CacheDims, Group, Shard, binary_to_tensor, list_groups, load_uncond, read_meta
-from sdxl_trainer.cache_format.layout import samples_dir, text_columns
+from sdxl_trainer.cache_format.layout import reading_shard, samples_dir, text_columns
 from sdxl_trainer.cache_format.reader import MICRO_COLUMNS
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.schema import read_table
@@ -124,7 +124,7 @@ def scan_cache(
     keys, counts = sorted(groups), {}
     for g in keys:
         columns = ["id", "captions", *MICRO_COLUMNS, "crop_left_flip"]
-        table = pa.concat_tables([pq.read_table(info.path, columns=columns) for info in groups[g]])
+        table = pa.concat_tables([_small_columns(info.path, columns) for info in groups[g]])
         counts[g] = [info.rows for info in groups[g]]
         if table.num_rows != sum(counts[g]):
             raise UserError("row counts differ from cache_meta.json", where=str(cache_dir / g.dirname()),
@@ -151,6 +151,11 @@ def scan_cache(
         index.holdout[g] = [np.flatnonzero(mine[o : o + c]) for o, c in bounds]
         start += n
     return index
+
+
+def _small_columns(path: Path, columns: list[str]) -> pa.Table:
+    with reading_shard(path):
+        return pq.read_table(path, columns=columns)
 
 
 def uncond_text(hidden: torch.Tensor, *, n_chunks: int, tokens_per_chunk: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ from sdxl_trainer.models.loading import load_unet, part_dir
 from sdxl_trainer.models.lora import add_lora
 from sdxl_trainer.train.checkpoint import resume, save_checkpoint
 from sdxl_trainer.train.checkpoint_dir import prepare_checkpoints, read_latest
+from sdxl_trainer.train.provenance import check_inputs
 from sdxl_trainer.train.compile import compile_model
 from sdxl_trainer.train.data import CacheDataset
 from sdxl_trainer.train.loader import CacheLoader
@@ -267,6 +268,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     dataset = CacheDataset(Path(cfg.work) / "cache", seed=cfg.seed, p_flip=cfg.data.p_flip, p_uncond=cfg.data.p_uncond,
                            tag_weights=tag_weights, holdout_fraction=cfg.validation.holdout_fraction,
                            holdout_count=cfg.validation.holdout_count)  # fmt: skip
+    model_fp = check_inputs(cfg, dataset.index.ids)  # checksums, model fingerprints, manifest (provenance.py)
     sampler = dataset.train_sampler(batch_size=cfg.batch_size, rank=info.rank, world_size=info.world_size)
     loader = CacheLoader(dataset, sampler, prefetch=cfg.data.prefetch, workers=cfg.data.workers)
     global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * info.world_size
@@ -292,7 +294,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     generator = torch.Generator(device)
     state = TrainState()
     parts = dict(unet=model, optimizer=optimizer, schedule=schedule, loader=loader, ema=ema, step=step, state=state,
-                 text=text)  # fmt: skip
+                 text=text, model_fingerprint=model_fp)  # fmt: skip
     exports: dict[str, Any] = {}
     if text is not None:  # the loaded (maybe trained) encoders are the ones exported
         exports.update(tokenizers=text.tokenizers, text_encoders=text.encoders)
