@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from sdxl_trainer.cache_format.layout import UNCOND_NAME, list_shard_paths
+from sdxl_trainer.cache_format.checksum import shard_sums
+from sdxl_trainer.cache_format.layout import UNCOND_NAME, list_shard_paths, samples_dir
 from sdxl_trainer.cli import app
 from sdxl_trainer.config import TrainConfig, load_config
 from sdxl_trainer.errors import UserError
@@ -240,6 +241,13 @@ def _nan_shard(work: Path) -> set[str]:
         nan = [None if v is None else np.full(len(v) // 2, np.nan, np.float16).tobytes() for v in column.to_pylist()]
         table = table.set_column(table.schema.get_field_index(name), name, pa.array(nan, pa.binary()))
     pq.write_table(table, path, row_group_size=4)
+    # as if the encoder had written NaN: the cache's own record of the shard matches the new bytes
+    meta_path = work / "cache" / "cache_meta.json"
+    meta = json.loads(meta_path.read_text())
+    for entry in meta["shards"]:
+        if (samples_dir(work / "cache") / entry["path"]).resolve() == Path(path).resolve():
+            entry.update(shard_sums(Path(path)))
+    meta_path.write_text(json.dumps(meta))
     return set(table.column("id").to_pylist())
 
 
