@@ -113,7 +113,10 @@ class ScheduleSection(Section):
 
 class TrainDataSection(Section):
     p_flip: float = Field(0.5, ge=0, le=1, description="chance of the cached flip copy, where one was cached")
-    p_uncond: float = Field(0.0, ge=0, le=1, description="unconditional-prompt dropout rate (for CFG)")
+    p_uncond: float = Field(
+        0.0, ge=0, le=1, description="caption dropout (--caption-dropout-rate): this share of samples trains on the "
+        "cached empty prompt instead of any caption variant, so CFG has an unconditional model (≈0.05–0.1); tag "
+        "dropout inside a prompt is the variants' job (prep cache variants.max_dropout, text.variants)")
     prefetch: int = Field(4, ge=1, description="batches read ahead")
     workers: int = Field(2, ge=1, description="reader threads")
 
