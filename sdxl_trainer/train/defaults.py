@@ -75,7 +75,7 @@ def resolve_defaults(cfg: TrainConfig, device: torch.device, *, announce: bool =
             base = None  # only a warning is at stake; the model is loaded (and checked) later
         if base is not None and base.name != cfg.objective.name:
             warning = mismatch_warning(base.name, cfg.objective.name, lora=cfg.lora.enabled)
-            console.console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)  # even --quiet
+            console.info(f"warning: {warning}")  # --quiet hides it: the objective was asked for explicitly
     if cfg.precision == "auto":
         changes["precision"], why = auto_precision(cfg, device)
         if announce:
