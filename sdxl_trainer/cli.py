@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from sdxl_trainer import __version__, cli_options, console, disk, locks
+from sdxl_trainer import __version__, cli_help, cli_options, console, disk, locks
 from sdxl_trainer.cli_options import load, parse_sets
 from sdxl_trainer.config import CacheConfig, EvaluateConfig, GenerateConfig, ScanConfig, StatsConfig, TrainConfig, WeightsConfig
 from sdxl_trainer.errors import UserError
@@ -23,8 +23,10 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # click's plain help: every alias in full, wrapped to the terminal (cli_help.py)
 )
-prep_app = typer.Typer(help="Prepare a dataset: scan images, VAE statistics, caches, tag weights.", no_args_is_help=True)
+prep_app = typer.Typer(help="Prepare a dataset: scan images, VAE statistics, caches, tag weights.", no_args_is_help=True,
+                       rich_markup_mode=None)  # fmt: skip
 app.add_typer(prep_app, name="prep")
 
 _state = {"debug": False}
@@ -75,7 +77,7 @@ CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML or TOML config; fla
 UNLOCK_OPT = typer.Option(False, locks.FORCE_FLAG, help="Take over a lock left by a process on another host.")
 
 
-@prep_app.command("scan")
+@prep_app.command("scan", cls=cli_help.HelpCommand)
 @user_errors
 def scan(
     data_dir: Optional[Path] = typer.Argument(None, help="Folder tree of images with optional <stem>.txt tags."),
@@ -89,7 +91,7 @@ def scan(
     ),
     model: Optional[Path] = typer.Option(None, help="SDXL folder whose tokenizer counts 75-token chunks."),
     fast: Optional[bool] = typer.Option(None, "--fast/--full", help="Header-only check instead of a full decode."),
-    min_side: Optional[int] = typer.Option(None, help="Skip images whose short side is smaller (default 256)."),
+    min_side: Optional[int] = typer.Option(None, help="Skip images whose short side is smaller."),
     max_pixels: Optional[int] = typer.Option(None, help="Skip images with more pixels, unallocated."),
     workers: Optional[int] = typer.Option(None, help="Decode processes (0 = all cores)."),
     underscores_to_spaces: Optional[bool] = typer.Option(None, "--underscores-to-spaces", help="Tag '_' → ' '."),
@@ -128,7 +130,7 @@ def scan(
         stage.run(cfg)
 
 
-@prep_app.command("stats")
+@prep_app.command("stats", cls=cli_help.HelpCommand)
 @user_errors
 def stats(
     work: Path = typer.Argument(..., help="Work directory holding manifest.parquet."),
@@ -152,7 +154,7 @@ def stats(
         stage.run(cfg)
 
 
-@prep_app.command("cache")
+@prep_app.command("cache", cls=cli_help.HelpCommand)
 @user_errors
 def cache(
     work: Path = typer.Argument(..., help="Work directory holding manifest.parquet; receives cache/."),
@@ -164,8 +166,8 @@ def cache(
     batch_size: Optional[int] = typer.Option(None, help="Images per VAE call."),
     crop: Optional[str] = typer.Option(None, help="center | random (the crop is recorded)."),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Also cache the mirrored latent."),
-    max_chunks: Optional[int] = typer.Option(None, help="75-token chunks per prompt (default 3)."),
-    variants: Optional[int] = typer.Option(None, help="Caption variants per image (default 4)."),
+    max_chunks: Optional[int] = typer.Option(None, help="75-token chunks per prompt."),
+    variants: Optional[int] = typer.Option(None, help="Caption variants per image."),
     keep_first: Optional[int] = typer.Option(None, help="First K tags never shuffled or dropped."),
     max_dropout: Optional[float] = typer.Option(None, help="Largest share of free tags a variant drops."),
     caption_prob: Optional[float] = typer.Option(None, help="Chance a variant uses the caption over the tags."),
@@ -191,7 +193,7 @@ def cache(
         stage.run(cfg, verify_after=verify)
 
 
-@prep_app.command("weights")
+@prep_app.command("weights", cls=cli_help.HelpCommand)
 @user_errors
 def weights(
     work: Path = typer.Argument(..., help="Work directory holding manifest.parquet."),
@@ -217,7 +219,7 @@ def weights(
         stage.run(cfg)
 
 
-@app.command("demo")
+@app.command("demo", cls=cli_help.HelpCommand)
 @user_errors
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for the tiny model, data and outputs."),
@@ -233,28 +235,30 @@ def demo(
     stage.run(out, n_images=images, seed=seed, train_steps=train_steps, quick=quick, threads=threads)
 
 
-@app.command("train")
+@app.command("train", cls=cli_help.HelpCommand)
 @user_errors
 def train(
     config: Optional[Path] = CONFIG_OPT,
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="SDXL diffusers folder to start from."),
     work: Optional[Path] = typer.Option(None, help="Work directory holding cache/ (from sdxl prep cache)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (checkpoints, metrics, config)."),
-    objective: Optional[str] = typer.Option(None, help="eps | v | v_ztsnr | flow."),
-    sigma_max: Optional[float] = typer.Option(None, help="Terminal σ for v_ztsnr (default 20000)."),
-    flow_shift: Optional[float] = typer.Option(None, help="Flow: logit-normal shift (default 3)."),
+    objective: Optional[str] = typer.Option(None, help="auto (the base model's) | eps | v | v_ztsnr | flow."),
+    sigma_max: Optional[float] = typer.Option(None, help="Terminal σ (unset: 20000 for v_ztsnr, SDXL's 14.6 for eps/v)."),
+    flow_shift: Optional[float] = typer.Option(None, help="Flow: logit-normal shift."),
     latent_norm: Optional[str] = typer.Option(None, help="scaling_factor | per_channel (WORK/latent_stats.json)."),
-    min_snr_gamma: Optional[float] = typer.Option(None, help="Turn on min-SNR loss weighting with this γ."),
+    min_snr_gamma: Optional[float] = typer.Option(None, help="min-SNR γ; giving it turns min-SNR loss weighting on."),
     tag_weights: Optional[bool] = typer.Option(None, "--tag-weights/--no-tag-weights", help="Use WORK/tag_weights.parquet."),
     offset_noise: Optional[float] = typer.Option(None, help="Offset-noise strength (≈0.1)."),
     lora: Optional[bool] = typer.Option(None, "--lora/--full", help="Train a LoRA adapter instead of the full UNet."),
-    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank (default 16)."),
-    lora_alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default = rank)."),
+    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank."),
+    lora_alpha: Optional[float] = typer.Option(None, help="LoRA alpha (with --lora-rank alone: = rank)."),
     fp8_base: Optional[bool] = typer.Option(
         None, "--fp8-base/--no-fp8-base", "--fp8_base", help="LoRA: keep the frozen UNet base in float8 (half of bf16)."
     ),
+    caption_dropout_rate: Optional[float] = typer.Option(None, "--caption-dropout-rate", "--caption_dropout_rate",
+        help="Share of samples trained on the empty prompt (for CFG; data.p_uncond)."),  # fmt: skip
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Keep an EMA of the trained weights."),
-    ema_decay: Optional[float] = typer.Option(None, help="EMA decay (default 0.9999)."),
+    ema_decay: Optional[float] = typer.Option(None, help="EMA decay."),
     optimizer: Optional[str] = typer.Option(None, help="adamw | adamw8bit | adafactor."),
     learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--learning_rate", "--lr", help="Peak learning rate."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "--batch_size", help="Samples per device per micro-batch."),
@@ -274,12 +278,14 @@ def train(
         help="Full finetune: keep the trained weights in bf16 with no fp32 master copy; every update is "
         "stochastically rounded.",
     ),
-    precision: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (weights stay fp32 unless --bf16-weights)."),
+    precision: Optional[str] = typer.Option(
+        None, help="auto (bf16 on a bf16 GPU, fp16 on an older one, fp32 on CPU) | bf16 | fp16 | fp32."
+    ),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     enable_compile: Optional[bool] = typer.Option(None, "--enable-compile", "--enable_compile", help="torch.compile the UNet."),
     compile_mode: Optional[str] = typer.Option(None, "--compile-mode", "--compile_mode", help="torch.compile mode."),
     compile_scope: Optional[str] = typer.Option(
-        None, "--compile-scope", "--compile_scope", help="blocks (each transformer block, default) | model (whole UNet)."
+        None, "--compile-scope", "--compile_scope", help="blocks (each transformer block) | model (whole UNet)."
     ),
     save_checkpoints: Optional[int] = typer.Option(
         None, "--save-checkpoints", "--save_checkpoints", help="Write a checkpoint every N updates."
@@ -332,6 +338,7 @@ def train(
         "max_skipped_fraction": max_skipped_fraction,
         "samples.prompts": sample_prompts, "samples.every_steps": sample_every_n_steps,
         "samples.every_samples": sample_every_n_samples, "samples.sampler": sample_sampler,
+        "data.p_uncond": caption_dropout_rate,
     }  # fmt: skip
     if lora and lora_rank is not None and lora_alpha is None:
         overrides["lora.alpha"] = float(lora_rank)
@@ -341,24 +348,24 @@ def train(
     console.table("sdxl train", [(k, v) for k, v in summary.items() if k != "last"], ("", ""))
 
 
-@app.command("generate")
+@app.command("generate", cls=cli_help.HelpCommand)
 @user_errors
 def generate(
     checkpoint: Path = typer.Argument(..., help="Run, checkpoint or diffusers folder, or a single .safetensors."),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Prompt (repeatable)."),
-    negative: Optional[str] = typer.Option(None, help="Negative prompt (default: the empty prompt, as trained)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the PNGs (default samples/)."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default 28)."),
-    cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale (default 5; 1 = off)."),
+    negative: Optional[str] = typer.Option(None, help="Negative prompt (unset: the empty prompt, as trained)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the PNGs."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale (1 = off)."),
     cfg_rescale: Optional[float] = typer.Option(None, help="CFG rescale φ (0.7 is Lin et al.'s)."),
     sampler: Optional[str] = typer.Option(None, help="auto | euler | euler_ancestral | dpmpp_2m | flow_euler."),
     schedule: Optional[str] = typer.Option(None, help="auto | karras | trailing | uniform."),
-    width: Optional[int] = typer.Option(None, help="Image width (default: the model's base resolution)."),
+    width: Optional[int] = typer.Option(None, help="Image width (unset: the model's base resolution)."),
     height: Optional[int] = typer.Option(None, help="Image height."),
     seed: Optional[int] = typer.Option(None, help="First seed; image i uses seed + i."),
     num_images: Optional[int] = typer.Option(None, help="Images per prompt."),
-    sigma_max: Optional[float] = typer.Option(None, help="Start σ (default: the trained σ_max)."),
-    flow_shift: Optional[float] = typer.Option(None, help="Flow sampling shift (default: the trained one)."),
+    sigma_max: Optional[float] = typer.Option(None, help="Start σ (unset: the trained σ_max)."),
+    flow_shift: Optional[float] = typer.Option(None, help="Flow sampling shift (unset: the trained one)."),
     lora: Optional[Path] = typer.Option(None, help="A LoRA (diffusers/PEFT or kohya file) merged into the UNet."),
     lora_scale: Optional[float] = typer.Option(None, help="LoRA strength."),
     config_dir: Optional[Path] = typer.Option(None, help="For a single file: an SDXL diffusers folder (configs, tokenizers)."),
@@ -378,7 +385,7 @@ def generate(
     console.table("sdxl generate", [(str(p),) for p in paths], ("image",))
 
 
-@app.command("evaluate")
+@app.command("evaluate", cls=cli_help.HelpCommand)
 @user_errors
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="Run, checkpoint or diffusers folder, or a single .safetensors."),
@@ -387,7 +394,7 @@ def evaluate(
     steps: Optional[int] = typer.Option(None, help="Sampling steps of every image."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale."),
     seeds: Optional[list[int]] = typer.Option(None, "--seed", help="Black/white-image seeds (repeatable)."),
-    base_resolution: Optional[int] = typer.Option(None, help="The training side (default: from the UNet config)."),
+    base_resolution: Optional[int] = typer.Option(None, help="The training side (unset: from the UNet config)."),
     lora: Optional[Path] = typer.Option(None, help="A LoRA merged into the UNet."),
     config_dir: Optional[Path] = typer.Option(None, help="For a single file: an SDXL diffusers folder."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
@@ -403,7 +410,7 @@ def evaluate(
     stage.run(load(EvaluateConfig, config, overrides, parse_sets(set_)))
 
 
-@app.command("config")
+@app.command("config", cls=cli_help.HelpCommand)
 @user_errors
 def config_template(stage: str = typer.Argument(..., help="scan | stats | cache | weights | train | generate | evaluate")) -> None:
     """Print a stage's config as commented YAML with every default (a starting point for --config)."""
@@ -412,6 +419,11 @@ def config_template(stage: str = typer.Argument(..., help="scan | stats | cache 
     if stage not in STAGES:
         raise UserError(f"no stage {stage!r}", fix=f"use one of {', '.join(STAGES)}")
     typer.echo("\n".join(template(STAGES[stage][0])))
+
+
+for _command, _cls in ((scan, ScanConfig), (stats, StatsConfig), (cache, CacheConfig), (weights, WeightsConfig),
+                       (train, TrainConfig), (generate, GenerateConfig), (evaluate, EvaluateConfig)):  # fmt: skip
+    cli_help.config_defaults(_cls)(_command)  # each option's help shows its config default
 
 
 def main() -> None:

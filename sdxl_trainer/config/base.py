@@ -81,8 +81,39 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every key of ``model`` as a dotted path, sections and their keys alike."""
+    out = []
+    for name, field in model.model_fields.items():
+        out.append(prefix + name)
+        nested = _model_at(model, (name,))
+        if nested is not None:
+            out += _key_paths(nested, f"{prefix}{name}.")
+    return out
+
+
+def suggest_key(cls: type[BaseModel], loc: tuple, options: Mapping[str, str] | None = None) -> str:
+    """" — did you mean …?" for an unknown key at ``loc``: the key of that name in another section (with the
+    flag that sets it), else a near-miss in its own section, else one anywhere; "" when nothing is close."""
+    name, parent = str(loc[-1]), ".".join(map(str, loc[:-1]))
+    paths = _key_paths(cls)
+    # the key of another section (learning_rate → optimizer.learning_rate; lora_rank → lora.rank)
+    found = [p for p in paths if name in (p.rpartition(".")[2], p.replace(".", "_"))]
+    if not found:  # a typo in its own section (batch_sise → batch_size)
+        here = [p.rpartition(".")[2] for p in paths if p.rpartition(".")[0] == parent]
+        found = [".".join(filter(None, [parent, c])) for c in difflib.get_close_matches(name, here, n=1)]
+    if not found:  # a typo of another section's key (learning_rat → optimizer.learning_rate)
+        forms = {p.rpartition(".")[2]: p for p in reversed(paths)} | {p.replace(".", "_"): p for p in paths}
+        found = [forms[c] for c in difflib.get_close_matches(name, list(forms), n=1)]
+    if not found:
+        return ""
+    shown = [f"{p!r}" + (f" (flag {options[p]})" if options and p in options else "") for p in found[:4]]
+    return f" — did you mean {' or '.join(shown)}?"
+
+
 def _explain(
-    cls: type[BaseModel], err: ValidationError, file: Path | None, given: set[str], flags: Mapping[str, str]
+    cls: type[BaseModel], err: ValidationError, file: Path | None, given: set[str], flags: Mapping[str, str],
+    options: Mapping[str, str] | None = None,
 ) -> UserError:
     lines, sources = [], set()
     for e in err.errors():
@@ -91,10 +122,7 @@ def _explain(
         source = _source(key, file, given, flags) if loc else None
         sources.add(source if source == str(file) else "command line")
         if e["type"] == "extra_forbidden":
-            parent = _model_at(cls, loc[:-1])
-            known = list(parent.model_fields) if parent else []
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            hint = f" — did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+            hint = suggest_key(cls, loc, options)
             lines.append(f"unknown key {key!r}{hint}" + (f" (from {source})" if source and source != str(file) else ""))
         elif source is None or e["type"] == "missing":
             lines.append(f"{key}: {e['msg']}")
@@ -111,11 +139,13 @@ def load_config(
     overrides: dict[str, Any] | None = None,
     *,
     flags: Mapping[str, str] | None = None,
+    options: Mapping[str, str] | None = None,
 ) -> C:
     """Build a ``cls`` from an optional config file plus overrides (dotted keys; ``None`` = unset).
 
     ``flags`` names the command-line option behind each override key (``{"batch_size": "--batch-size"}``),
-    so that a validation error blames the option that gave the bad value, not the config file.
+    so that a validation error blames the option that gave the bad value, not the config file;
+    ``options`` names the flag of every key that has one, for the "did you mean" of an unknown key.
     """
     data = read_config_file(file) if file else {}
     given = set()
@@ -126,7 +156,7 @@ def load_config(
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise _explain(cls, e, Path(file) if file else None, given, flags or {}) from None
+        raise _explain(cls, e, Path(file) if file else None, given, flags or {}, options) from None
 
 
 def dump_config(config: BaseModel, path: Path) -> None:

@@ -22,7 +22,9 @@ from sdxl_trainer.config.samples import SamplesSection
 class ObjectiveSection(Section):
     """What the UNet learns to predict and at which noise levels (docs/diffusion.md §3–4)."""
 
-    name: Literal["eps", "v", "v_ztsnr", "flow"] = Field("eps", description="eps | v | v_ztsnr | flow")
+    name: Literal["auto", "eps", "v", "v_ztsnr", "flow"] = Field(
+        "auto", description="auto (the base model's own: its scheduler config or single-file markers) | eps | v | "
+        "v_ztsnr | flow")
     sigma_max: float | None = Field(None, gt=0, description="terminal σ: v_ztsnr 20000 when unset; eps/v: SDXL's 14.6")
     ztsnr_rescale: bool = Field(True, description="v_ztsnr: Lin-rescaled table (True) or SDXL's with the last σ raised")
     flow_shift: float = Field(3.0, gt=0, description="flow: logit-normal mean ln(shift) (bigASP v2.5: 3)")
@@ -111,7 +113,10 @@ class ScheduleSection(Section):
 
 class TrainDataSection(Section):
     p_flip: float = Field(0.5, ge=0, le=1, description="chance of the cached flip copy, where one was cached")
-    p_uncond: float = Field(0.0, ge=0, le=1, description="unconditional-prompt dropout rate (for CFG)")
+    p_uncond: float = Field(
+        0.0, ge=0, le=1, description="caption dropout (--caption-dropout-rate): this share of samples trains on the "
+        "cached empty prompt instead of any caption variant, so CFG has an unconditional model (≈0.05–0.1); tag "
+        "dropout inside a prompt is the variants' job (prep cache variants.max_dropout, text.variants)")
     prefetch: int = Field(4, ge=1, description="batches read ahead")
     workers: int = Field(2, ge=1, description="reader threads")
 
@@ -184,7 +189,9 @@ class TrainConfig(Section):
     )
     batch_size: int = Field(4, ge=1, description="samples per device per micro-batch")
     gradient_accumulation_steps: int = Field(1, ge=1)
-    precision: Precision = Field("bf16", description="autocast dtype; the weights stay fp32 (see optimizer.bf16_weights)")
+    precision: Precision | Literal["auto"] = Field(
+        "auto", description="autocast dtype; auto = bf16 on a bf16-capable GPU (and with optimizer.bf16_weights), fp16 "
+        "on an older GPU, else fp32; the weights stay fp32 (see optimizer.bf16_weights)")
     gradient_checkpointing: bool = Field(False)
     attention: Literal["sdpa", "eager"] = Field("sdpa", description="attention backend")
     compile: bool = Field(False, description="torch.compile the UNet (the first updates wait for the compile)")
@@ -258,7 +265,7 @@ class TrainConfig(Section):
         if o.fused_backward_pass and self.precision == "fp16":
             raise ValueError("optimizer.fused_backward_pass cannot use fp16's GradScaler (it must see every gradient "
                              "before any update): use precision: bf16")  # fmt: skip
-        if o.bf16_weights and self.precision != "bf16":
+        if o.bf16_weights and self.precision not in ("bf16", "auto"):
             raise ValueError(f"optimizer.bf16_weights needs precision: bf16 (bf16 weights run under bf16 autocast), "
                              f"not {self.precision}")  # fmt: skip
         return self

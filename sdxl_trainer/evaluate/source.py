@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sdxl_trainer.errors import UserError
+from sdxl_trainer.models.base_objective import objective_from_scheduler, objective_from_single_file
 from sdxl_trainer.models.export import EXPORT_INFO, export_info, latent_normalization, read_export_info
 from sdxl_trainer.models.loading import read_part_config
 from sdxl_trainer.models.lora import DIFFUSERS_WEIGHT_NAME
@@ -150,18 +151,8 @@ def info_from_diffusers_configs(scheduler: dict, vae_config: dict) -> dict:
     epsilon → eps; v_prediction → v, or v_ztsnr with ``rescale_betas_zero_snr`` (its σ = ∞ terminal
     stands in as NovelAI's 20000); a flow scheduler (``use_flow_sigmas``/``shift``) → flow.
     """
-    prediction = scheduler.get("prediction_type", "epsilon")
+    name, _ = objective_from_scheduler(scheduler)
     flow_shift = scheduler.get("flow_shift", scheduler.get("shift", 3.0))
-    is_flow = scheduler.get("use_flow_sigmas") or "FlowMatch" in scheduler.get("_class_name", "")
-    if prediction == "flow_prediction" or is_flow:
-        name = "flow"
-    elif prediction == "v_prediction":
-        name = "v_ztsnr" if scheduler.get("rescale_betas_zero_snr") else "v"
-    elif prediction == "epsilon":
-        name = "eps"
-    else:
-        raise UserError(f"scheduler prediction_type {prediction!r} is not one this sampler knows",
-                        fix="use a checkpoint written by `sdxl train`")  # fmt: skip
     mean, std = vae_config.get("latents_mean"), vae_config.get("latents_std")
     if mean is not None and std is not None:
         # diffusers decodes z·std/scaling_factor + mean: fold the factor into std to get our (z_raw − mean)/std form
@@ -175,15 +166,7 @@ def info_from_diffusers_configs(scheduler: dict, vae_config: dict) -> dict:
 
 def single_file_objective(path: Path) -> str:
     """The objective a single file says it was trained with: our header key, else ComfyUI's markers."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta, keys = f.metadata() or {}, set(f.keys())
-    if meta.get("sdxl_trainer.objective"):
-        return meta["sdxl_trainer.objective"]
-    if "v_pred" in keys:
-        return "v_ztsnr" if "ztsnr" in keys else "v"
-    return "v" if meta.get("modelspec.prediction_type") == "v" else "eps"
+    return objective_from_single_file(path)[0]
 
 
 def read_info(source: CheckpointSource, *, vae_config: dict, scheduler_config: dict | None = None) -> dict:

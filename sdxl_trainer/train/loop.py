@@ -34,6 +34,7 @@ from sdxl_trainer.train.checkpoint_dir import prepare_checkpoints, read_latest
 from sdxl_trainer.train.provenance import check_inputs
 from sdxl_trainer.train.compile import compile_model
 from sdxl_trainer.train.data import CacheDataset
+from sdxl_trainer.train.defaults import resolve_defaults
 from sdxl_trainer.train.loader import CacheLoader
 from sdxl_trainer.train.ema import EMA
 from sdxl_trainer.train.integrity import SKIP_LOG, check_resume, check_skipped_fraction, log_skip, refuse_non_finite
@@ -56,6 +57,7 @@ def build_unet(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     precision (SDXL: 5.1 GB instead of 10.3 GB), while the adapter stays fp32 (its master weights);
     lora.fp8_base rounds it on to float8 on the CPU (2.6 GB, models/fp8.py): the device never holds 16 bits.
     """
+    cfg = resolve_defaults(cfg, torch.device(device), announce=False)  # precision auto, when called alone
     frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
     trained_dtype = torch.bfloat16 if cfg.optimizer.bf16_weights else torch.float32  # docs/memory.md
     unet = load_unet(cfg.model, dtype=frozen_dtype if cfg.lora.enabled else trained_dtype,
@@ -110,6 +112,7 @@ def vae_scaling_factor(model_dir: Path) -> float:
 
 
 def make_step(cfg: TrainConfig, device: torch.device, info: dist.DistInfo, *, text: TextMode | None = None) -> TrainStep:
+    cfg = resolve_defaults(cfg, device, announce=False)  # objective/precision auto, when called alone
     o, lo = cfg.objective, cfg.loss
     norm = build_latent_norm(
         cfg.latents.normalization,
@@ -254,6 +257,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # 1. processes: one, or one per GPU under torchrun; every collective has a timeout
     info = dist.init(device=cfg.device)
     device = dist.local_device(info, cfg.device)
+    cfg = resolve_defaults(cfg, device, announce=info.is_main)  # objective/precision auto → what RUN/config.yaml records
     # Nothing is written into RUN/ until every start-up check has passed: a refused start leaves it as it was.
     out = Path(cfg.out)
     if info.is_main:
