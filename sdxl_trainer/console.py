@@ -185,3 +185,56 @@ def training_progress(total: int, *, done: int = 0, enabled: bool = True,
     with bar, _live():
         task = bar.add_task("train", total=total, completed=done, stats="")
         yield TrainProgress(bar, task, total=total, done=done, plain=stream)
+
+
+# ── a fixed number of steps with a status (the demo kit's VAE fit) ──────────────────────────────
+
+
+@contextmanager
+def step_progress(description: str, total: int, *, unit: str = "step", plain_lines: bool | None = None,
+                  every_s: float = 30.0) -> Iterator[Any]:  # fmt: skip
+    """A bar with count, rate, ETA and a short status (e.g. the loss); yields ``advance(text="")``, one call a step.
+
+    When stdout is not a terminal (``make demo > log``) it also prints plain lines there, because a
+    redirected rich bar shows nothing until it ends: one at every tenth of ``total`` or after
+    ``every_s`` seconds without one, whichever comes first, and one at the last step.
+    ``plain_lines``: force those lines on or off. Silent under --quiet.
+    """
+    lines = not sys.stdout.isatty() if plain_lines is None else plain_lines
+    if _state["quiet"]:
+        yield lambda text="": None
+        return
+    width, t0 = len(str(total)), time.perf_counter()
+    state = {"step": 0, "last_line": t0, "tenth": 0}
+
+    def line(text: str) -> None:
+        now = time.perf_counter()
+        step, tenth = state["step"], state["step"] * 10 // max(total, 1)
+        if step < total and tenth == state["tenth"] and now - state["last_line"] < every_s:
+            return
+        state["tenth"], state["last_line"] = tenth, now
+        eta = (now - t0) / step * (total - step)
+        status = f" · {text}" if text else ""
+        print(f"{description} {step:>{width}}/{total} {unit}s{status} · elapsed {_clock(now - t0)} · eta {_clock(eta)}",
+              file=sys.stdout, flush=True)  # fmt: skip
+
+    if _state["live"]:  # inside another bar: no second live display, plain lines only
+        bar = None
+    else:
+        bar = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), _Rate(unit),
+                       TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                       console=console, transient=False)  # fmt: skip
+
+    def advance(text: str = "") -> None:
+        state["step"] += 1
+        if bar is not None:
+            bar.update(task, advance=1, status=text)
+        if lines:
+            line(text)
+
+    if bar is None:
+        yield advance
+        return
+    with bar, _live():
+        task = bar.add_task(description, total=total, status="")
+        yield advance

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from sdxl_trainer import console
 from sdxl_trainer.models import tokenizer_kit, vae_fit
 from sdxl_trainer.synthetic import render, synthetic_items
 
@@ -106,11 +107,14 @@ def fit_tiny_vae(vae, *, seed: int = 0, settings: vae_fit.FitSettings = vae_fit.
     """Train the kit's VAE on synthetic renders (see :mod:`sdxl_trainer.models.vae_fit`); returns the losses.
 
     Deterministic for ``seed`` and ``settings`` on a given machine; the caller's global RNG is untouched.
+    Shows a progress bar with the loss (and, when stdout is not a terminal, a plain line every tenth
+    of the steps or 30 s): on a busy machine the fit can take many times its minute.
     """
     part_seed = seed * 16 + _VAE_FIT_PART
     pool = vae_fit.pixel_pool(vae_fit_images(seed=part_seed), seed=part_seed, area=TINY_RESOLUTION**2)
-    with torch.random.fork_rng(devices=[]):
-        return vae_fit.fit_vae(vae, pool, seed=part_seed, settings=settings)
+    with torch.random.fork_rng(devices=[]), console.step_progress("fit demo VAE", settings.steps) as advance:
+        return vae_fit.fit_vae(vae, pool, seed=part_seed, settings=settings,
+                               on_step=lambda step, loss: advance(f"loss {loss:.4f}"))  # fmt: skip
 
 
 def text_encoder_configs(vocab_size: int, bos_id: int, eos_id: int) -> tuple[dict[str, Any], dict[str, Any]]:
