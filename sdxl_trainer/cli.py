@@ -228,11 +228,12 @@ def demo(
     train_steps: int = typer.Option(600, help="Updates per trained model (four are trained)."),
     quick: bool = typer.Option(False, "--quick", help="Smoke test for CI: random VAE, tiny sampling; the numbers mean nothing."),
     threads: int = typer.Option(2, min=1, help="torch intra-op threads (1 on a machine busy with other work)."),
+    kit_only: bool = typer.Option(False, "--kit-only", help="Build only DIR/model and DIR/data (the kit); train nothing."),
 ) -> None:
     """Run every stage on synthetic data and a tiny SDXL model (offline, CPU, minutes)."""
     from sdxl_trainer import demo as stage
 
-    stage.run(out, n_images=images, seed=seed, train_steps=train_steps, quick=quick, threads=threads)
+    stage.run(out, n_images=images, seed=seed, train_steps=train_steps, quick=quick, threads=threads, kit_only=kit_only)
 
 
 @app.command("train", cls=cli_help.HelpCommand)

@@ -22,7 +22,10 @@ and DIR/samples.png puts the four runs' "black" samples side by side, one row pe
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,20 +124,76 @@ def samples_strip(runs: Path, *, image: str = "00-seed0.png", cell: int = 96) ->
 
 
 def run(out: Path, *, n_images: int = DEMO_IMAGES, seed: int = 0, train_steps: int = TRAIN_STEPS,
-        quick: bool = False, threads: int = 2) -> dict:
+        quick: bool = False, threads: int = 2, kit_only: bool = False) -> dict:
     """Build the kit (reusing it when present) and run every stage; returns timings and black-image numbers.
 
     ``quick`` shrinks the sampling (2 seeds, 4 steps, two report checks): a smoke test of every code
     path for CI, whose numbers mean nothing. ``threads`` is torch's intra-op thread count for the
     whole demo, the VAE fit included (results are bitwise reproducible for a given count; on a
-    machine busy with other work, 1 avoids OpenMP threads fighting for the cores).
+    machine busy with other work, 1 avoids OpenMP threads fighting for the cores). ``kit_only``
+    builds DIR/model and DIR/data, prints where they are and trains nothing; it returns
+    ``{"model", "data", "timings"}``.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        if kit_only:
+            return build_kit(Path(out), n_images=n_images, seed=seed, quick=quick, threads=threads, report=True)
         return _run(Path(out), n_images=n_images, seed=seed, train_steps=train_steps, quick=quick, threads=threads)
     finally:
         torch.set_num_threads(before)
+
+
+PARTIAL = ".partial"  # DIR/model.partial, DIR/data.partial: a part of the kit while it is being built
+
+
+def build_into(final: Path, build: Callable[[Path], Any]) -> Path:
+    """Run ``build(folder)`` on the sibling ``final.partial``, then rename it to ``final`` once it returns.
+
+    An interrupted build (Ctrl-C, a kill, an error) leaves no ``final``, so the next demo builds it
+    again instead of reusing half of it; the leftover ``final.partial`` is removed first. One demo
+    at a time per DIR: a second one building the same part at once would remove the first's folder.
+    """
+    partial = final.with_name(final.name + PARTIAL)
+    if partial.exists():
+        console.info(f"removing {partial} (left by an interrupted build)")
+        shutil.rmtree(partial)
+    try:
+        build(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.replace(partial, final)
+    return final
+
+
+def build_kit(out: Path, *, n_images: int = DEMO_IMAGES, seed: int = 0, quick: bool = False, threads: int = 2,
+              timings: dict[str, float] | None = None, report: bool = False) -> dict:  # fmt: skip
+    """DIR/model (the tiny model, its VAE fitted unless ``quick``) and DIR/data (``n_images`` synthetic
+    images), each built only when missing or incomplete; ``report`` prints where they are."""
+    model, data = out / "model", out / "data"
+    timings = {} if timings is None else timings
+    if model.exists() and not (model / "model_index.json").is_file():  # half a model from an older version
+        console.info(f"removing {model}: it has no model_index.json (an interrupted build)")
+        shutil.rmtree(model)
+    if not model.exists():  # quick: the VAE stays random (its pixels mean nothing)
+        _stage(timings, "build tiny model", lambda: build_into(model, lambda tmp: build_tiny_model(
+            tmp, seed=seed, fit_vae=not quick, fit_threads=threads)))  # fmt: skip
+    if not data.is_dir():
+        _stage(timings, "build synthetic data",
+               lambda: build_into(data, lambda tmp: build_synthetic_dataset(tmp, n=n_images, seed=seed)))  # fmt: skip
+    if report:
+        console.info(f"kit ready (nothing trained):\n  model: {model}\n  data:  {data}\n"
+                     f"next: sdxl demo --out {out} runs every stage on it")  # fmt: skip
+    return {"model": model, "data": data, "timings": timings}
+
+
+def _stage(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
+    console.info(f"[bold cyan]── {name}[/]")
+    t0 = time.perf_counter()
+    result = fn()
+    timings[name] = time.perf_counter() - t0
+    return result
 
 
 def _run(out: Path, *, n_images: int, seed: int, train_steps: int, quick: bool, threads: int) -> dict:
@@ -147,16 +206,9 @@ def _run(out: Path, *, n_images: int, seed: int, train_steps: int, quick: bool, 
     start = time.perf_counter()
 
     def stage(name: str, fn) -> Any:
-        console.info(f"[bold cyan]── {name}[/]")
-        t0 = time.perf_counter()
-        result = fn()
-        timings[name] = time.perf_counter() - t0
-        return result
+        return _stage(timings, name, fn)
 
-    if not (model / "model_index.json").is_file():  # quick: the VAE stays random (its pixels mean nothing)
-        stage("build tiny model", lambda: build_tiny_model(model, seed=seed, fit_vae=not quick, fit_threads=threads))
-    if not data.is_dir():
-        stage("build synthetic data", lambda: build_synthetic_dataset(data, n=n_images, seed=seed))
+    build_kit(out, n_images=n_images, seed=seed, quick=quick, threads=threads, timings=timings)
     stage("prep scan", lambda: scan.run(demo_scan_config(data, work, model)))
     stage("prep stats", lambda: stats.run(StatsConfig(work=work, model=model, device="cpu")))
     stage("prep cache", lambda: cache.run(demo_cache_config(work, model), verify_after=True))
