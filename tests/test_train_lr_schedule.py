@@ -82,7 +82,11 @@ def test_state_round_trip_and_strict_config() -> None:
     opt2, fresh = make(100)
     fresh.load_state_dict(sched.state_dict())
     assert fresh.samples_seen == 40 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
-    _, other = make(200)
+    _, longer = make(200)  # only the length changed: an extension, re-planned over the new length
+    longer.load_state_dict(sched.state_dict())
+    assert longer.samples_seen == 40 and longer.replanned_from == 100 and longer.total_samples == 200
+    opt3 = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    other = LRSchedule(opt3, kind="linear", warmup_samples=8, total_samples=100)
     with pytest.raises(UserError, match="LR schedule"):
         other.load_state_dict(sched.state_dict())
     other.load_state_dict(sched.state_dict(), strict=False)

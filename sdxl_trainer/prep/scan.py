@@ -23,7 +23,7 @@ from sdxl_trainer import console
 from sdxl_trainer.config import ScanConfig
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.prep import buckets as bk
-from sdxl_trainer.prep import hf_source
+from sdxl_trainer.prep import hf_source, scan_report
 from sdxl_trainer.prep.captions import (
     Caption,
     caption_flags,
@@ -345,6 +345,7 @@ def _summary(rows: list[dict], stats: dict, hist: Counter, folds: dict, seconds:
         "buckets": {bk.bucket_label(b): n for b, n in sorted(hist.items(), key=lambda kv: kv[0][0] / kv[0][1])},
         "folded": folds,
         "unreadable_dirs": stats["unreadable_dirs"],
+        **scan_report.listing(rows),  # every skipped or flagged file with its reason (scan_report.py)
     }
 
 
@@ -370,6 +371,7 @@ def _print(summary: dict, out: Path) -> None:
     rows += [(f"  flag: {k}", n) for k, n in sorted(s["flags"].items())]
     rows += [("  unreadable folder", d) for d in s["unreadable_dirs"]]
     console.table(f"prep scan → {out}", rows)
+    scan_report.print_problems(s, out)
     if s["buckets"]:
         top = max(s["buckets"].values())
         bars = [(b, n, "█" * max(1, round(30 * n / top))) for b, n in s["buckets"].items()]

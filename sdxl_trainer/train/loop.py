@@ -38,6 +38,7 @@ from sdxl_trainer.train.defaults import resolve_defaults
 from sdxl_trainer.train.loader import CacheLoader
 from sdxl_trainer.train.ema import EMA
 from sdxl_trainer.train.integrity import SKIP_LOG, check_resume, check_skipped_fraction, log_skip, refuse_non_finite
+from sdxl_trainer.train.extend import announce_replan
 from sdxl_trainer.train.lr_schedule import LRSchedule
 from sdxl_trainer.train.optim import build_optimizer, param_groups
 from sdxl_trainer.train.samples import build_sample_rounds
@@ -314,6 +315,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if resume_from is not None:
         resume(cfg, parts, resume_from)
         console.info(f"resumed from {resume_from} at step {state.step} ({state.samples_seen} samples)")
+        announce_replan(schedule, global_batch=global_batch)  # a changed --num-steps: one line (extend.py)
 
     # every check has passed: the run folder is written from here on
     metrics = out / "metrics.jsonl"

@@ -95,6 +95,8 @@ class LRSchedule:
         for group in optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
         self.samples_seen = 0
+        self.replanned_from: int | None = None  # the checkpoint's total_samples when a resume changed the length
+        self.saved_config: dict[str, Any] | None = None
         self.factor = self.step(0)  # the groups' lr always equals base_lr × factor(samples_seen)
 
     def factor_at(self, samples_seen: int) -> float:
@@ -132,12 +134,22 @@ class LRSchedule:
     def load_state_dict(self, state: Mapping[str, Any], *, strict: bool = True) -> None:
         """Restore the position; ``strict`` refuses a checkpoint made with another schedule.
 
+        Only the length (``total_samples``) may differ without ``strict=False``: the run is extended
+        or shortened and the schedule re-planned over this run's length (the formula above with the
+        new ``T``; the warm-up, counted in samples from 0, is unchanged). ``replanned_from`` then holds
+        the checkpoint's length, for the one line the loop prints (train/extend.py).
         The base learning rates travel with the optimiser's own state (its param groups).
         """
-        if strict and dict(state["config"]) != self.config():
+        saved = dict(state["config"])
+        shape = {k: v for k, v in saved.items() if k != "total_samples"}
+        if strict and shape != {k: v for k, v in self.config().items() if k != "total_samples"}:
             raise UserError(
-                f"the checkpoint's LR schedule {dict(state['config'])} differs from this run's {self.config()}",
+                f"the checkpoint's LR schedule {saved} differs from this run's {self.config()} "
+                "(only the length may change on a resume)",
                 where="schedule",
-                fix="resume with the same schedule and length, or force the resume to accept the change",
+                fix="resume with the checkpoint's schedule kind, warm-up and min_factor, "
+                "or pass --force to continue with the new ones",
             )
+        self.replanned_from = saved.get("total_samples") if saved.get("total_samples") != self.total_samples else None
+        self.saved_config = saved
         self.step(int(state["samples_seen"]))

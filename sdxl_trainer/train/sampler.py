@@ -223,7 +223,7 @@ class BucketBatchSampler:
                 f"the checkpoint's data order was made with other settings ({', '.join(changed)}): "
                 f"saved {saved}, now {self.config()}",
                 where="batch sampler state",
-                fix="resume with the same batch size, world size, seed and cache, or force the resume",
+                fix="resume with the same batch size, world size, seed and cache, or pass --force to accept the new order",
             )
         epoch, step = int(state["epoch"]), int(state["step"])
         if epoch < 0 or step < 0:
