@@ -62,6 +62,11 @@ MANIFEST_SCHEMA = pa.schema(
         ("mtime_ns", pa.int64()),  # with file_size: decides whether a rescan re-reads the file
         ("caption_mtime_ns", pa.int64()),
         ("checked", pa.string()),  # decoded (full decode) | header (--fast); null when never read
+        # per dataset entry (docs/datasets.md); a manifest written before these columns reads as 1 / null
+        ("dataset", pa.string()),  # name of the `datasets:` entry the row came from (null: a single source)
+        ("repeats", pa.int32()),  # times an epoch shows the image (kohya num_repeats / an N_name folder); ≥ 1
+        ("keep_tokens", pa.int32()),  # first K tags never shuffled or dropped (null: the cache's keep_first)
+        ("caption_dropout", pa.float32()),  # chance of the empty prompt at training time (null: data.p_uncond)
     ]
 )
 

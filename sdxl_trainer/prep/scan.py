@@ -235,7 +235,7 @@ def _row(item: Item, checked: str) -> dict[str, Any]:
     row.update({k: p.get(k) for k in PROBE_FIELDS if k in p})
     row.update(path=item.path, source=item.source, mtime_ns=item.mtime_ns, caption_mtime_ns=item.caption_mtime_ns,
                tags=item.caption.tags, caption=item.caption.text, caption_kind=item.caption.kind,
-               flags=list(item.caption.flags) + list(p.get("image_flags", [])))
+               flags=list(item.caption.flags) + list(p.get("image_flags", [])), repeats=1)
     if not p.get("reused"):
         row["checked"] = checked if p.get("id") else None
     return row
