@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from sdxl_trainer import __version__, cli_help, cli_inference, cli_options, console, disk, locks
+from sdxl_trainer import __version__, cli_help, cli_inference, cli_options, cli_train, console, disk, locks
 from sdxl_trainer.cli_options import load, parse_sets
 from sdxl_trainer.config import CacheConfig, EvaluateConfig, GenerateConfig, ScanConfig, StatsConfig, TrainConfig, WeightsConfig
 from sdxl_trainer.errors import UserError
@@ -95,6 +95,11 @@ def scan(
     max_pixels: Optional[int] = typer.Option(None, help="Skip images with more pixels, unallocated."),
     workers: Optional[int] = typer.Option(None, help="Decode processes (0 = all cores)."),
     underscores_to_spaces: Optional[bool] = typer.Option(None, "--underscores-to-spaces", help="Tag '_' → ' '."),
+    resolution: Optional[str] = typer.Option(None, help="Bucket size: 1024 | 768 | 512 | W,H (area, base, sides)."),
+    min_bucket_reso: Optional[int] = typer.Option(None, "--min-bucket-reso", "--min_bucket_reso",
+                                                  help="Shortest bucket side."),
+    max_bucket_reso: Optional[int] = typer.Option(None, "--max-bucket-reso", "--max_bucket_reso",
+                                                  help="Longest bucket side."),
     fold_buckets_below: Optional[int] = typer.Option(None, help="Fold buckets with fewer images into a neighbour."),
     alpha_background: Optional[str] = typer.Option(None, help="What transparent pixels become: white | black."),
     max_chunks: Optional[int] = typer.Option(None, help="75-token chunks a caption may use (with --model)."),
@@ -121,6 +126,9 @@ def scan(
             "max_pixels": max_pixels,
             "workers": workers,
             "underscores_to_spaces": underscores_to_spaces,
+            "buckets.resolution": resolution,
+            "buckets.min_side": min_bucket_reso,
+            "buckets.max_side": max_bucket_reso,
             "buckets.fold_below": fold_buckets_below,
             "alpha_background": alpha_background,
             "max_chunks": max_chunks,
@@ -236,117 +244,7 @@ def demo(
     stage.run(out, n_images=images, seed=seed, train_steps=train_steps, quick=quick, threads=threads, kit_only=kit_only)
 
 
-@app.command("train", cls=cli_help.HelpCommand)
-@user_errors
-def train(
-    config: Optional[Path] = CONFIG_OPT,
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="SDXL diffusers folder to start from."),
-    work: Optional[Path] = typer.Option(None, help="Work directory holding cache/ (from sdxl prep cache)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (checkpoints, metrics, config)."),
-    objective: Optional[str] = typer.Option(None, help="auto (the base model's) | eps | v | v_ztsnr | flow."),
-    sigma_max: Optional[float] = typer.Option(None, help="Terminal σ (unset: 20000 for v_ztsnr, SDXL's 14.6 for eps/v)."),
-    flow_shift: Optional[float] = typer.Option(None, help="Flow: logit-normal shift."),
-    latent_norm: Optional[str] = typer.Option(None, help="scaling_factor | per_channel (WORK/latent_stats.json)."),
-    min_snr_gamma: Optional[float] = typer.Option(None, help="min-SNR γ; giving it turns min-SNR loss weighting on."),
-    tag_weights: Optional[bool] = typer.Option(None, "--tag-weights/--no-tag-weights", help="Use WORK/tag_weights.parquet."),
-    offset_noise: Optional[float] = typer.Option(None, help="Offset-noise strength (≈0.1)."),
-    lora: Optional[bool] = typer.Option(None, "--lora/--full", help="Train a LoRA adapter instead of the full UNet."),
-    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank."),
-    lora_alpha: Optional[float] = typer.Option(None, help="LoRA alpha (with --lora-rank alone: = rank)."),
-    fp8_base: Optional[bool] = typer.Option(
-        None, "--fp8-base/--no-fp8-base", "--fp8_base", help="LoRA: keep the frozen UNet base in float8 (half of bf16)."
-    ),
-    caption_dropout_rate: Optional[float] = typer.Option(None, "--caption-dropout-rate", "--caption_dropout_rate",
-        help="Share of samples trained on the empty prompt (for CFG; data.p_uncond)."),  # fmt: skip
-    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Keep an EMA of the trained weights."),
-    ema_decay: Optional[float] = typer.Option(None, help="EMA decay."),
-    optimizer: Optional[str] = typer.Option(None, help="adamw | adamw8bit | adafactor."),
-    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--learning_rate", "--lr", help="Peak learning rate."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "--batch_size", help="Samples per device per micro-batch."),
-    gradient_accumulation_steps: Optional[int] = typer.Option(
-        None, "--gradient-accumulation-steps", "--gradient_accumulation_steps", help="Micro-batches per update."
-    ),
-    num_epochs: Optional[float] = typer.Option(None, "--num-epochs", "--num_epochs", help="Run length in epochs."),
-    num_steps: Optional[int] = typer.Option(None, "--num-steps", "--num_steps", help="Run length in updates."),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", "--num_samples", help="Run length in samples."),
-    use_adafactor: bool = typer.Option(False, "--use-adafactor", "--use_adafactor", help="Same as --optimizer adafactor."),
-    fused_backward_pass: Optional[bool] = typer.Option(
-        None, "--fused-backward-pass", "--fused_backward_pass",
-        help="Full finetune: step each parameter inside backward and free its gradient at once (docs/memory.md).",
-    ),
-    bf16_weights: Optional[bool] = typer.Option(
-        None, "--bf16-weights", "--bf16_weights",
-        help="Full finetune: keep the trained weights in bf16 with no fp32 master copy; every update is "
-        "stochastically rounded.",
-    ),
-    precision: Optional[str] = typer.Option(
-        None, help="auto (bf16 on a bf16 GPU, fp16 on an older one, fp32 on CPU) | bf16 | fp16 | fp32."
-    ),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
-    enable_compile: Optional[bool] = typer.Option(None, "--enable-compile", "--enable_compile", help="torch.compile the UNet."),
-    compile_mode: Optional[str] = typer.Option(None, "--compile-mode", "--compile_mode", help="torch.compile mode."),
-    compile_scope: Optional[str] = typer.Option(
-        None, "--compile-scope", "--compile_scope", help="blocks (each transformer block) | model (whole UNet)."
-    ),
-    save_checkpoints: Optional[int] = typer.Option(
-        None, "--save-checkpoints", "--save_checkpoints", help="Write a checkpoint every N updates."
-    ),
-    use_wandb: Optional[bool] = typer.Option(None, "--use-wandb", "--use_wandb", help="Log to Weights & Biases."),
-    wandb_project: Optional[str] = typer.Option(None, "--wandb-project", "--wandb_project"),
-    wandb_run_name: Optional[str] = typer.Option(None, "--wandb-run-name", "--wandb_run_name"),
-    resume: Optional[str] = typer.Option(None, help="latest | a run or checkpoint folder."),
-    force: Optional[bool] = typer.Option(None, "--force", help="Resume despite a changed batch size or objective."),
-    allow_model_change: Optional[bool] = typer.Option(
-        None, "--allow-model-change", help="Train although the cache, latent stats or checkpoint came from other model parts."
-    ),
-    seed: Optional[int] = typer.Option(None, help="Seed for everything random."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
-    max_skipped_fraction: Optional[float] = typer.Option(
-        None, "--max-skipped-fraction", "--max_skipped_fraction",
-        help="Exit 2 at the end when more than this share of the updates was skipped (default 0.01).",
-    ),
-    sample_prompts: Optional[Path] = typer.Option(
-        None, "--sample-prompts", "--sample_prompts", help="File of sample prompts, one a line (kohya style: --n --w --h --d --s --l)."
-    ),
-    sample_every_n_steps: Optional[int] = typer.Option(
-        None, "--sample-every-n-steps", "--sample_every_n_steps", help="Render the sample prompts every N updates."
-    ),
-    sample_every_n_samples: Optional[int] = typer.Option(
-        None, "--sample-every-n-samples", "--sample_every_n_samples", help="Or every N samples (global)."
-    ),
-    sample_sampler: Optional[str] = typer.Option(None, "--sample-sampler", "--sample_sampler", help="As generate's --sampler."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Any config key: --set loss.gamma=5 (repeatable)."),
-    force_unlock: bool = UNLOCK_OPT,
-) -> None:
-    """Train on WORK/cache → RUN/ (checkpoints a diffusers pipeline, ComfyUI/A1111 file, LoRA, state; samples/)."""
-    from sdxl_trainer.train import loop as stage
-
-    overrides = {
-        "model": model, "work": work, "out": out, "objective.name": objective, "objective.sigma_max": sigma_max,
-        "objective.flow_shift": flow_shift, "latents.normalization": latent_norm,
-        "loss.weighting": "min_snr" if min_snr_gamma is not None else None, "loss.gamma": min_snr_gamma,
-        "loss.tag_weights": tag_weights, "loss.offset_noise": offset_noise, "lora.enabled": lora,
-        "lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.fp8_base": fp8_base, "ema.enabled": ema,
-        "ema.decay": ema_decay,
-        "optimizer.name": "adafactor" if use_adafactor else optimizer, "optimizer.learning_rate": learning_rate,
-        "optimizer.fused_backward_pass": fused_backward_pass, "optimizer.bf16_weights": bf16_weights,
-        "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
-        "num_epochs": num_epochs, "num_steps": num_steps, "num_samples": num_samples, "precision": precision,
-        "gradient_checkpointing": gradient_checkpointing, "compile": enable_compile, "compile_mode": compile_mode,
-        "compile_scope": compile_scope, "checkpoints.every_steps": save_checkpoints, "logging.wandb": use_wandb,
-        "logging.wandb_project": wandb_project, "logging.wandb_run_name": wandb_run_name, "resume": resume,
-        "force": force, "allow_model_change": allow_model_change, "seed": seed, "device": device,
-        "max_skipped_fraction": max_skipped_fraction,
-        "samples.prompts": sample_prompts, "samples.every_steps": sample_every_n_steps,
-        "samples.every_samples": sample_every_n_samples, "samples.sampler": sample_sampler,
-        "data.p_uncond": caption_dropout_rate,
-    }  # fmt: skip
-    if lora and lora_rank is not None and lora_alpha is None:
-        overrides["lora.alpha"] = float(lora_rank)
-    cfg = load(TrainConfig, config, overrides, parse_sets(set_))
-    with one_writer(cfg.out, "train", force_unlock):
-        summary = stage.run(cfg)
-    console.table("sdxl train", [(k, v) for k, v in summary.items() if k != "last"], ("", ""))
+train = cli_train.register(app, user_errors, CONFIG_OPT, one_writer, UNLOCK_OPT)  # sdxl train
 
 
 generate, evaluate = cli_inference.register(app, user_errors, CONFIG_OPT)  # sdxl generate, sdxl evaluate

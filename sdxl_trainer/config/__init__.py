@@ -5,7 +5,7 @@ its configs. Everything is re-exported here, so callers write ``from sdxl_traine
 Every key, its default and its meaning: docs/configuration.md (``sdxl config STAGE`` prints them).
 """
 
-from sdxl_trainer.config.base import Precision, Section, dump_config, load_config, read_config_file
+from sdxl_trainer.config.base import Precision, Section, dump_config, load_config, load_section, read_config_file
 from sdxl_trainer.config.evaluate import EvaluateConfig, GenerateConfig, SamplingSection
 from sdxl_trainer.config.prep import (
     DEFAULT_IGNORE_PREFIXES,
@@ -38,5 +38,5 @@ __all__ = [
     "CaptionVariantsConfig", "CheckpointSection", "EMASection", "EvaluateConfig", "GenerateConfig", "LatentSection",
     "LoggingSection", "LoraSection", "LossSection", "ObjectiveSection", "OptimizerSection", "Precision",
     "SampleChecksSection", "SamplesSection", "SamplingSection", "ScanConfig", "ScheduleSection", "Section", "StatsConfig", "TrainConfig", "TrainDataSection",
-    "ValidationSection", "WeightsConfig", "dump_config", "load_config", "read_config_file",
+    "ValidationSection", "WeightsConfig", "dump_config", "load_config", "load_section", "read_config_file",
 ]  # fmt: skip

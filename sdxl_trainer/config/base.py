@@ -159,6 +159,25 @@ def load_config(
         raise _explain(cls, e, Path(file) if file else None, given, flags or {}, options) from None
 
 
+def load_section(
+    cls: type[C], data: Mapping[str, Any], overrides: dict[str, Any] | None = None, *, file: Path | None = None,
+    section: str = "",
+) -> C:
+    """Like :func:`load_config`, from one section of an already read file (``sdxl train --prep-config``);
+    an error names the file and the section."""
+    merged = dict(data)
+    given = set()
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(merged, key, value)
+            given.add(key)
+    try:
+        return cls.model_validate(merged)
+    except ValidationError as e:
+        err = _explain(cls, e, Path(file) if file else None, given, {})
+        raise UserError(f"section {section}: {err.what}", where=err.where, fix=err.fix) from None
+
+
 def dump_config(config: BaseModel, path: Path) -> None:
     """Write the resolved config as YAML (what a user can pass back with --config)."""
     path.parent.mkdir(parents=True, exist_ok=True)

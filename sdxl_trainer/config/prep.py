@@ -2,23 +2,66 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from sdxl_trainer.config.base import Precision, Section
 
 
-class BucketConfig(Section):
-    """NovelAI's aspect-ratio bucket algorithm (diffusion-facts.md), SDXL parameters by default."""
+def parse_resolution(value: Any) -> tuple[int, int]:
+    """``1024`` / ``"768"`` / ``"832,1216"`` / ``"832x1216"`` → (width, height)."""
+    text = str(value).strip().lower().replace("x", ",").replace(" ", "")
+    parts = text.split(",")
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides, default=0) <= 0:
+        raise ValueError(f"resolution {value!r} is not a size: give 1024, 768, 512 or W,H such as 832,1216")
+    return (sides[0], sides[-1])
 
+
+def resolution_buckets(value: Any, step: int = 64) -> dict[str, int]:
+    """The bucket parameters one ``--resolution`` stands for: the area of W×H (R² for one number),
+    the square base √area, sides from base/2 to 2·base, all multiples of ``step``. 1024 gives
+    exactly the SDXL defaults (max_area 1024², base 1024, sides 512–2048)."""
+    width, height = parse_resolution(value)
+    base = math.isqrt(width * height) // step * step
+    if base < step:
+        raise ValueError(f"resolution {value!r} is smaller than one bucket step ({step} px)")
+    return {"max_area": width * height, "base": base, "min_side": max(step, base // 2 // step * step),
+            "max_side": 2 * base}
+
+
+class BucketConfig(Section):
+    """NovelAI's aspect-ratio bucket algorithm (diffusion-facts.md), SDXL parameters by default.
+
+    ``resolution`` (``--resolution``) sets max_area, base, min_side and max_side in one value; keys
+    given beside it (``--min-bucket-reso``/``--max-bucket-reso`` set min_side/max_side) win.
+    """
+
+    resolution: str | None = Field(
+        None, description="1024 | 768 | 512 | W,H: sets max_area (W·H), base (√area) and min/max side (base/2, 2·base)"
+    )
     max_area: int = Field(1024 * 1024, gt=0, description="largest w·h of a bucket, in pixels")
     step: int = Field(64, gt=0, description="bucket sides are multiples of this (8 = one latent pixel)")
     min_side: int = Field(512, gt=0, description="shortest bucket side walked")
     max_side: int = Field(2048, gt=0, description="longest bucket side allowed")
     base: int = Field(1024, gt=0, description="the square base resolution, always a bucket")
     fold_below: int = Field(0, ge=0, description="fold buckets with fewer images than this into the nearest one")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_resolution(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("resolution") is not None:
+            data = dict(data, resolution=str(data["resolution"]))
+            step = data.get("step", 64)
+            derived = resolution_buckets(data["resolution"], step if isinstance(step, int) and step > 0 else 64)
+            data = {**derived, **{k: v for k, v in data.items() if v is not None}}
+        return data
 
     @model_validator(mode="after")
     def _sides(self) -> "BucketConfig":

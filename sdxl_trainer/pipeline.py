@@ -1,0 +1,217 @@
+"""`sdxl train --data-dir DATA --model MODEL --out RUN`: every stage in one command (docs/one-command.md).
+
+scan → stats (with per-channel latent normalisation) → cache → weights (with tag weights) → train,
+into ``RUN/work`` (or ``--work``). Run again after an interruption, the same command picks up where
+it stopped:
+
+- **scan** always runs: it is incremental (files unchanged since the manifest are not re-read), so
+  images added or removed since the last run are seen;
+- **stats**, **cache** and **weights** are skipped when their artifact is *current*: it exists and
+  ``WORK/pipeline.json`` records, for it, the digest of what it was made from — the manifest rows it
+  reads, its config and the model parts it used — equal to today's. Otherwise the stage runs, and
+  ``prep cache`` itself resumes a stopped encoding and re-encodes only rows that changed;
+- **train** resumes from ``RUN/checkpoints/latest`` when there is one (``--resume`` unset); a run
+  that already reached its length says so and trains nothing.
+
+The staged commands stay the contract for larger jobs (torchrun, a shared WORK, other settings
+per stage); this one refuses to run under torchrun. Each stage takes the same WORK/RUN lock as its
+staged command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sdxl_trainer import console, disk, locks
+from sdxl_trainer.config import CacheConfig, ScanConfig, StatsConfig, TrainConfig, WeightsConfig
+from sdxl_trainer.config import load_section, read_config_file
+from sdxl_trainer.errors import UserError
+from sdxl_trainer.schema import read_json, read_table, write_json
+
+STATE = "pipeline.json"
+SECTIONS = {"scan": ScanConfig, "stats": StatsConfig, "cache": CacheConfig, "weights": WeightsConfig}
+# the manifest columns each stage's output depends on (a change elsewhere does not make it stale)
+READS = {
+    "stats": ("id", "path", "source", "bucket_width", "bucket_height"),
+    "cache": ("id", "path", "source", "bucket_width", "bucket_height", "tags", "caption", "caption_kind", "n_chunks",
+              "keep_tokens"),
+    "weights": ("id", "tags"),
+}  # fmt: skip
+ARTIFACT = {"stats": "latent_stats.json", "cache": "cache/cache_meta.json", "weights": "tag_weights.parquet"}
+
+
+@dataclass
+class DataSource:
+    """Where the images come from and how they are bucketed (the one-command flags)."""
+
+    data_dir: Path | None = None
+    hf_dataset: Path | None = None
+    prep_config: Path | None = None  # sections scan:, stats:, cache:, weights: (each as `sdxl config STAGE`)
+    resolution: str | None = None
+    min_bucket_reso: int | None = None
+    max_bucket_reso: int | None = None
+    force_unlock: bool = False
+
+
+def _section(file: Path | None, data: dict[str, Any], name: str, fixed: dict[str, Any], extra: dict[str, Any]):
+    """A stage's config: its section of --prep-config, the one-command flags, and the paths this path owns."""
+    section = dict(data.get(name) or {})
+    for key, value in fixed.items():  # WORK, RUN and MODEL come from the command, never from the file
+        given = section.get(key)
+        if given is not None and Path(given).expanduser().resolve() != Path(value).expanduser().resolve():
+            raise UserError(f"{name}.{key} is {given} but the command gives {value}", where=str(file),
+                            fix=f"remove {name}.{key} from the file: the one-command path sets it")  # fmt: skip
+    return load_section(SECTIONS[name], section, {**extra, **fixed}, file=file, section=name)
+
+
+def stage_configs(src: DataSource, cfg: TrainConfig) -> dict[str, Any]:
+    """The four prep configs the one-command path runs, from --prep-config and the flags."""
+    data = read_config_file(src.prep_config) if src.prep_config else {}
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise UserError(f"unknown section(s) {', '.join(unknown)} in the prep config", where=str(src.prep_config),
+                        fix=f"use the sections {', '.join(SECTIONS)} (each as `sdxl config STAGE` prints it)")  # fmt: skip
+    work, model = Path(cfg.work), Path(cfg.model)
+    scan_extra = {"data_dir": src.data_dir, "hf_dataset": src.hf_dataset, "buckets.resolution": src.resolution,
+                  "buckets.min_side": src.min_bucket_reso, "buckets.max_side": src.max_bucket_reso}  # fmt: skip
+    scan = data.get("scan") or {}
+    if src.data_dir is None and src.hf_dataset is None and not any(scan.get(k) for k in ("data_dir", "hf_dataset",
+                                                                                         "datasets")):
+        raise UserError("no images given", fix="give --data-dir DATA (or --hf-dataset, or a scan: section with "
+                        "datasets: in --prep-config)")  # fmt: skip
+    return {
+        "scan": _section(src.prep_config, data, "scan", {"out": work, "model": model}, scan_extra),
+        "stats": _section(src.prep_config, data, "stats", {"work": work, "model": model}, {}),
+        "cache": _section(src.prep_config, data, "cache", {"work": work, "model": model}, {}),
+        "weights": _section(src.prep_config, data, "weights", {"work": work}, {}),
+    }
+
+
+def manifest_digest(work: Path, columns: tuple[str, ...]) -> str:
+    """SHA-256 of the ok rows' ``columns`` (those present), in path order: what a later stage reads."""
+    table, _ = read_table(Path(work) / "manifest.parquet", artifact="manifest", produced_by="sdxl prep scan")
+    table = table.filter(pc.equal(table["status"], "ok"))
+    table = table.select([c for c in columns if c in table.column_names]).combine_chunks().replace_schema_metadata(None)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+def stage_digest(name: str, stage_cfg: Any, work: Path) -> str:
+    """What stage ``name``'s artifact is made from: manifest rows, its config (less WORK), model parts."""
+    from sdxl_trainer.models import fingerprint
+
+    config = stage_cfg.model_dump(mode="json", exclude={"work", "overwrite", "allow_model_change"})
+    parts: dict[str, Any] = {}
+    if name == "stats":
+        parts = fingerprint.model_fingerprint(stage_cfg.model, vae=stage_cfg.vae, parts=("vae",))
+    elif name == "cache":
+        parts = fingerprint.model_fingerprint(stage_cfg.model, vae=stage_cfg.vae, parts=fingerprint.CACHE_PARTS)
+    doc = {"manifest": manifest_digest(work, READS[name]), "config": config, "model": parts}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _recorded(work: Path) -> dict[str, str]:
+    path = work / STATE
+    if not path.is_file():
+        return {}
+    try:
+        return dict(read_json(path, artifact="pipeline_state", produced_by="sdxl train --data-dir").get("stages", {}))
+    except UserError:
+        return {}  # damaged or foreign: every stage is checked again
+
+
+def _record(work: Path, name: str, digest: str) -> None:
+    stages = _recorded(work)
+    stages[name] = digest
+    write_json({"stages": stages}, work / STATE, artifact="pipeline_state", config={})
+
+
+def _held(folder: Path, stage: str, force: bool):
+    """The staged command's lock and disk-error handling around one stage."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(disk.writing_to(folder))
+    stack.enter_context(locks.hold(folder, stage, force=force))
+    return stack
+
+
+def _damaged(name: str, work: Path) -> str | None:
+    """Why a stage's recorded artifact cannot be used as it is (missing, damaged), or None."""
+    from sdxl_trainer.cache_format import read_meta
+    from sdxl_trainer.cache_format.checksum import quick_check
+
+    path = work / ARTIFACT[name]
+    try:
+        if name == "cache":
+            quick_check(path.parent, read_meta(path.parent))  # every shard there, sizes and footers as recorded
+        elif name == "stats":
+            read_json(path, artifact="latent_stats", produced_by="sdxl prep stats")
+        else:
+            read_table(path, artifact="tag_weights", produced_by="sdxl prep weights", columns=["id"])
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def _prep_stage(name: str, stage_cfg: Any, work: Path, number: str, force_unlock: bool) -> str:
+    """Run stage ``name`` unless its artifact is current; returns "ran" or "current"."""
+    from sdxl_trainer.prep import cache, stats, weights
+
+    digest = stage_digest(name, stage_cfg, work)
+    if _recorded(work).get(name) == digest:
+        problem = _damaged(name, work)
+        if problem is None:
+            console.info(f"── {number} prep {name}: current, skipped ({work / ARTIFACT[name]})")
+            return "current"
+        console.info(f"[yellow]{problem}: running prep {name} again[/]")
+    console.info(f"── {number} prep {name} → {work / ARTIFACT[name]}")
+    with _held(work, f"prep {name}", force_unlock):
+        {"stats": stats.run, "cache": cache.run, "weights": weights.run}[name](stage_cfg)
+        _record(work, name, digest)
+    return "ran"
+
+
+def run(src: DataSource, cfg: TrainConfig) -> dict[str, Any]:
+    """Every stage for one folder (or dataset config) and one run; returns train's summary and the stages'."""
+    from sdxl_trainer.prep import scan
+    from sdxl_trainer.train import loop
+    from sdxl_trainer.train.checkpoint_dir import read_latest
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("the one-command path runs in one process, not under torchrun",
+                        fix="run the prep stages first (`sdxl prep scan/stats/cache/weights`), then "
+                        "`torchrun … sdxl train --work WORK`")  # fmt: skip
+    configs = stage_configs(src, cfg)
+    work = Path(cfg.work)
+    wanted = ["stats"] if cfg.latents.normalization == "per_channel" else []
+    wanted += ["cache"] + (["weights"] if cfg.loss.tag_weights else [])
+    total = 2 + len(wanted)
+    done: dict[str, str] = {}
+    console.info(f"── 1/{total} prep scan → {work / 'manifest.parquet'}")
+    with _held(work, "prep scan", src.force_unlock):
+        scan.run(configs["scan"])
+    done["scan"] = "ran"
+    for i, name in enumerate(wanted, start=2):
+        done[name] = _prep_stage(name, configs[name], work, f"{i}/{total}", src.force_unlock)
+    latest = read_latest(Path(cfg.out))
+    if cfg.resume is None and latest is not None:
+        console.info(f"{cfg.out} has checkpoint {latest}: resuming from it (a new run needs another --out)")
+        cfg = cfg.model_copy(update={"resume": "latest"})
+    console.info(f"── {total}/{total} train → {cfg.out}")
+    with _held(Path(cfg.out), "train", src.force_unlock):
+        summary = loop.run(cfg)
+    if latest is not None and summary.get("checkpoint") is None:
+        console.info(f"the run in {cfg.out} had already reached its length ({summary['steps']} updates): nothing "
+                     "trained; raise --num-steps / --num-epochs to extend it")  # fmt: skip
+    return {**summary, "stages": done}
