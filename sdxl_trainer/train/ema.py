@@ -176,7 +176,7 @@ class EMA:
             raise UserError(
                 f"the checkpoint's EMA settings {dict(state['config'])} differ from this run's {self.config()}",
                 where="ema",
-                fix="resume with the same EMA settings, or force the resume to accept the change",
+                fix="resume with the same EMA settings, or pass --force to continue with the new ones",
             )
         shadow = state["shadow"]
         if sorted(shadow) != sorted(self.names):

@@ -109,7 +109,7 @@ def restore_rng(
         raise UserError(
             f"the checkpoint was written with {len(cuda_saved)} visible CUDA devices, this process sees {cuda_now}",
             where="rng",
-            fix="resume on the same devices (same CUDA_VISIBLE_DEVICES), or force the resume",
+            fix="resume on the same devices (same CUDA_VISIBLE_DEVICES), or pass --force to continue on these",
         )
     _set_python_state(state["python"])
     _set_numpy_state(state["numpy"])
