@@ -143,7 +143,7 @@ def scan_cache(
     held = holdout_mask(holdout_hash(all_ids.to_pylist()), fraction=holdout_fraction, count=holdout_count)
     weights = None if tag_weights is None else join_tag_weights(tag_weights, all_ids)
     index.tag_weight = None if weights is None else {}
-    per = join_per_image(manifest, all_ids)
+    per = join_per_image(manifest, all_ids, cache_meta=meta)
     index.caption_dropout = None if per.caption_dropout is None else {}
     index.holdout_ids = sorted(all_ids.filter(pa.array(held)).to_pylist())
     start = 0

@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.schema import reading_parquet, read_table, rerun
+from sdxl_trainer.train.provenance import UPDATE_CACHE, check_manifest
 
 MANIFEST_PRODUCER = "sdxl prep scan"
 COLUMNS = ("repeats", "caption_dropout")
-UPDATE_CACHE = "update the cache: `sdxl prep cache WORK --model MODEL` (drops removed images, encodes new ones, keeps the rest)"
 FIX_SCAN = "fix the dataset's num_repeats / caption_dropout and re-run `sdxl prep scan`"
 
 
@@ -51,11 +51,12 @@ def manifest_columns(path: Path) -> list[str]:
         return pq.read_schema(path).names
 
 
-def join_per_image(path: Path | None, ids: pa.ChunkedArray) -> PerImage:
+def join_per_image(path: Path | None, ids: pa.ChunkedArray, *, cache_meta: dict | None = None) -> PerImage:
     """``repeats`` and ``caption_dropout`` of every id in ``ids`` from the manifest's ok rows.
 
-    Every id must be an ok row of the manifest (else the cache is from another scan: one line saying
-    what to run); repeats must be ≥ 1 and a dropout in [0, 1]. A null repeats reads as 1.
+    Every id must be an ok row of the manifest (else the cache is from another scan: the start-up
+    check's line, which counts removed and new images, says what to run); repeats must be ≥ 1 and a
+    dropout in [0, 1]. A null repeats reads as 1.
     """
     n = len(ids)
     if path is None or not Path(path).is_file():  # train/provenance.py warns about a missing manifest
@@ -68,6 +69,8 @@ def join_per_image(path: Path | None, ids: pa.ChunkedArray) -> PerImage:
     ok = table.filter(pc.equal(table["status"], "ok"))
     where = pc.index_in(ids, value_set=ok.column("id").combine_chunks())
     if where.null_count:
+        if cache_meta is not None:
+            check_manifest(path, cache_meta, ids)  # raises, naming removed and new images
         first = ids.filter(pc.is_null(where))[0].as_py()
         raise UserError(f"{where.null_count:,} cached image(s) are not in the manifest (first: id {first}), so "
                         "their repeats and caption dropout are unknown", where=str(path), fix=UPDATE_CACHE)  # fmt: skip
