@@ -79,7 +79,7 @@ class CacheIndex:
     crop_left_flip: dict[Group, np.ndarray] = field(default_factory=dict)  # int32, −1 without a flip copy
     stored: dict[Group, np.ndarray] = field(default_factory=dict)  # uint8 (rows, V): where variant k's text is
     tag_weight: dict[Group, np.ndarray] | None = None  # float32 per row, None without a weights file
-    repeats: dict[Group, np.ndarray] = field(default_factory=dict)  # int64 ≥ 1 per row: times shown per epoch
+    repeats: dict[Group, np.ndarray] = field(default_factory=dict)  # int32 ≥ 1 per row: times shown per epoch
     caption_dropout: dict[Group, np.ndarray] | None = None  # float32 per row, NaN = p_uncond; None: no row has one
     train: dict[Group, list[np.ndarray]] = field(default_factory=dict)  # row indices per shard
     holdout: dict[Group, list[np.ndarray]] = field(default_factory=dict)

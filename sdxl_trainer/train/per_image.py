@@ -37,12 +37,12 @@ FIX_SCAN = "fix the dataset's num_repeats / caption_dropout and re-run `sdxl pre
 class PerImage:
     """Per cached row (in the order of the ids given to :func:`join_per_image`)."""
 
-    repeats: np.ndarray  # int64, ≥ 1
+    repeats: np.ndarray  # int32, ≥ 1
     caption_dropout: np.ndarray | None  # float32 in [0, 1], NaN = the run's p_uncond; None: no row has one
 
     @classmethod
     def default(cls, n: int) -> "PerImage":
-        return cls(np.ones(n, dtype=np.int64), None)
+        return cls(np.ones(n, dtype=np.int32), None)
 
 
 def manifest_columns(path: Path) -> list[str]:
@@ -76,7 +76,7 @@ def join_per_image(path: Path | None, ids: pa.ChunkedArray, *, cache_meta: dict 
                         "their repeats and caption dropout are unknown", where=str(path), fix=UPDATE_CACHE)  # fmt: skip
     out = PerImage.default(n)
     if "repeats" in wanted:
-        reps = ok.column("repeats").take(where).fill_null(1).to_numpy().astype(np.int64)
+        reps = ok.column("repeats").take(where).fill_null(1).to_numpy().astype(np.int32)
         if (reps < 1).any():
             i = int(np.flatnonzero(reps < 1)[0])
             raise UserError(f"repeats must be ≥ 1 (image {ids[i].as_py()} has {reps[i]})", where=str(path),
