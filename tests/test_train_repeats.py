@@ -85,9 +85,12 @@ def manifest(cache: Path) -> Path:
     return write_manifest(cache.parent / "manifest.parquet", repeats=REPEATS)
 
 
+def batch_ids(ds: CacheDataset, spec) -> list[str]:
+    return ds.index.ids[spec.group].take(pa.array(ds.index.offsets[spec.group][spec.shard] + spec.row)).to_pylist()
+
+
 def epoch_ids(ds: CacheDataset, sampler, epoch: int) -> list[list[str]]:
-    return [ds.index.ids[b.group].take(pa.array(ds.index.offsets[b.group][b.shard] + b.row)).to_pylist()
-            for b in sampler.batches(epoch)]  # fmt: skip
+    return [batch_ids(ds, b) for b in sampler.batches(epoch)]
 
 
 def collect(loader: CacheLoader, n: int | None = None) -> list[dict]:
@@ -129,15 +132,11 @@ def test_an_epoch_shows_each_training_image_repeats_times_bucket_pure(cache: Pat
             per_group[group_of(int(i[2:]))] += r
     assert len(sampler) == sum(math.ceil(c / 4) for c in per_group.values())
     # the hold-out: each held-out image once, none repeated, never in a training batch
-    val = [i for b in ds.holdout_batches(batch_size=3).batches(0) for i in epoch_ids_of(ds, b)]
+    val = [i for b in ds.holdout_batches(batch_size=3).batches(0) for i in batch_ids(ds, b)]
     assert sorted(val) == sorted(held)
     images = N - len(held)
     assert ds.describe_epoch(sampler) == f"epoch = {images} training images, {train_rows} samples with repeats: " \
                                          f"{len(sampler)} batches of 4"  # fmt: skip
-
-
-def epoch_ids_of(ds: CacheDataset, spec) -> list[str]:
-    return ds.index.ids[spec.group].take(pa.array(ds.index.offsets[spec.group][spec.shard] + spec.row)).to_pylist()
 
 
 def test_repeated_copies_draw_their_own_randomness(cache: Path, manifest: Path) -> None:
@@ -249,7 +248,8 @@ def test_bad_per_image_values_are_one_line_errors(cache: Path, tmp_path: Path) -
     with pytest.raises(UserError, match="repeats must be ≥ 1.*id0004 has 0"):
         CacheDataset(cache, manifest=write_manifest(tmp_path / "zero.parquet", repeats=zero))
     with pytest.raises(UserError, match=r"caption_dropout must be in \[0, 1\].*id0002"):
-        CacheDataset(cache, manifest=write_manifest(tmp_path / "p.parquet", caption_dropout=[None, None, 1.5] + [None] * (N - 3)))
+        too_high = [None, None, 1.5] + [None] * (N - 3)
+        CacheDataset(cache, manifest=write_manifest(tmp_path / "p.parquet", caption_dropout=too_high))
     with pytest.raises(UserError, match="keep_tokens=-1"):
         with_keep_tokens(CaptionVariantsConfig(), -1)
 
@@ -261,7 +261,8 @@ def rewrite_manifest(path: Path, **columns: list) -> None:
     """Replace some columns of a real manifest, keeping its provenance and source description."""
     table, meta = read_table(path, artifact="manifest", produced_by="sdxl prep scan")
     for name, values in columns.items():
-        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, type=MANIFEST_SCHEMA.field(name).type))
+        column = pa.array(values, type=MANIFEST_SCHEMA.field(name).type)
+        table = table.set_column(table.schema.get_field_index(name), name, column)
     extra = {k: v for k, v in meta.items() if k not in ("artifact", "schema_version", "package_version", "created", "config")}
     write_table(table, path, artifact="manifest", config=meta["config"], extra=extra)
 
@@ -336,10 +337,11 @@ def test_train_counts_epochs_of_the_repeated_set(work: Path, tiny_model_dir: Pat
     rewrite_manifest(work / "manifest.parquet", repeats=[3 if r["id"] in tripled else 1 for r in table])
     lines: list[str] = []
     monkeypatch.setattr(console, "info", lines.append)
-    cfg = load_config(TrainConfig, None, {
+    settings = {
         "model": str(tiny_model_dir), "work": str(work), "out": str(tmp_path / "run"), "device": "cpu",
         "precision": "fp32", "batch_size": 4, "num_epochs": 0.05, "checkpoints.diffusers": False,
-        "checkpoints.single_file": False, "data.workers": 1, "logging.tensorboard": False})  # fmt: skip
+        "checkpoints.single_file": False, "data.workers": 1, "logging.tensorboard": False}  # fmt: skip
+    cfg = load_config(TrainConfig, None, settings)
     summary = loop.run(cfg)
     ds = CacheDataset(work / "cache", seed=cfg.seed, manifest=work / "manifest.parquet")
     sampler = ds.train_sampler(batch_size=4)
@@ -352,3 +354,11 @@ def test_train_counts_epochs_of_the_repeated_set(work: Path, tiny_model_dir: Pat
     seen = Counter(i for b in epoch_ids(ds, sampler, 0) for i in b)
     assert all(seen[i] <= (3 if i in tripled else 1) for i in ok)  # drop_last drops a few tails
     assert np.mean([seen[i] for i in tripled]) > 2
+    # a rescan that moved repeats from one image to another: same epoch length, another order
+    moved = (tripled - {ok[0]}) | {ok[-1]}
+    rewrite_manifest(work / "manifest.parquet", repeats=[3 if r["id"] in moved else 1 for r in table])
+    longer = {**settings, "num_epochs": 0.15, "resume": "latest"}
+    with pytest.raises(UserError, match="--force") as e:
+        loop.run(load_config(TrainConfig, None, longer))
+    assert "(repeats)" in str(e.value)
+    assert loop.run(load_config(TrainConfig, None, {**longer, "force": True}))["steps"] == math.ceil(0.15 * len(sampler))

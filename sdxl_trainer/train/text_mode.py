@@ -54,8 +54,9 @@ def load_keep_tokens(work: Path) -> dict[str, int]:
     path = Path(work) / "manifest.parquet"
     if "keep_tokens" not in manifest_columns(path):
         return {}
-    table, _ = read_table(path, artifact="manifest", produced_by=MANIFEST_PRODUCER, columns=["id", "status", "keep_tokens"])
-    return {i: k for i, s, k in zip(*(table.column(c).to_pylist() for c in ("id", "status", "keep_tokens")))
+    columns = ["id", "status", "keep_tokens"]
+    table, _ = read_table(path, artifact="manifest", produced_by=MANIFEST_PRODUCER, columns=columns)
+    return {i: k for i, s, k in zip(*(table.column(c).to_pylist() for c in columns))
             if s == "ok" and k is not None}  # fmt: skip
 
 
