@@ -136,9 +136,10 @@ def repeat_rows(
             rep = np.asarray(rep, dtype=np.int64).reshape(-1)
             if rep.shape != rows.shape or (rep < 1).any():
                 raise ValueError(f"group {key}, shard {si}: repeats must be ≥ 1, one per listed row")
-            trivial = trivial and bool((rep == 1).all())
+            once = bool((rep == 1).all())
+            trivial = trivial and once
             digest.update(f"{gi}/{key}/{si}/{rows.size}".encode() + rows.tobytes() + rep.tobytes())
-            out[key].append(np.repeat(rows, rep))
+            out[key].append(rows if once else np.repeat(rows, rep))
     return out, None if trivial else digest.hexdigest()
 
 
