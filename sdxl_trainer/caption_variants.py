@@ -48,6 +48,17 @@ def variant_inputs(
     )
 
 
+def with_keep_tokens(cfg: CaptionVariantsConfig, keep_tokens: int | None) -> CaptionVariantsConfig:
+    """``cfg`` with an image's own ``keep_tokens`` (the manifest column, per dataset entry) as ``keep_first``;
+    ``cfg`` itself when the image has none (null) or the same value."""
+    if keep_tokens is None or keep_tokens == cfg.keep_first:
+        return cfg
+    if keep_tokens < 0:
+        raise UserError(f"keep_tokens={keep_tokens} must be ≥ 0", where="manifest.parquet",
+                        fix="fix the dataset's keep_tokens and re-run `sdxl prep scan`")  # fmt: skip
+    return cfg.model_copy(update={"keep_first": int(keep_tokens)})
+
+
 def variant_rng(*, seed: int, image_id: str, index: int, stream: str) -> random.Random:
     """A private generator for one (seed, image, variant, purpose), equal in every process.
 

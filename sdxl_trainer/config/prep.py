@@ -157,7 +157,8 @@ class CaptionVariantsConfig(Section):
         0.8, ge=0, le=1, description="when an image has both a caption and tags: chance a variant uses the caption"
     )
     shuffle: bool = Field(True, description="shuffle the tags that are not kept in place")
-    keep_first: int = Field(0, ge=0, description="the first K tags are never shuffled or dropped")
+    keep_first: int = Field(0, ge=0, description="the first K tags are never shuffled or dropped (an image's own "
+                            "keep_tokens, set per dataset entry, replaces it)")
     keep_tags: list[str] = Field(default_factory=list, description="tags never shuffled or dropped, wherever they are")
     max_dropout: float = Field(
         0.3, ge=0, lt=1, description="a variant drops a uniformly random share in [0, max_dropout] of the free tags"

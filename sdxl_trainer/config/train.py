@@ -115,8 +115,10 @@ class TrainDataSection(Section):
     p_flip: float = Field(0.5, ge=0, le=1, description="chance of the cached flip copy, where one was cached")
     p_uncond: float = Field(
         0.0, ge=0, le=1, description="caption dropout (--caption-dropout-rate): this share of samples trains on the "
-        "cached empty prompt instead of any caption variant, so CFG has an unconditional model (≈0.05–0.1); tag "
-        "dropout inside a prompt is the variants' job (prep cache variants.max_dropout, text.variants)")
+        "cached empty prompt instead of any caption variant, so CFG has an unconditional model (≈0.05–0.1); images "
+        "whose dataset entry sets caption_dropout use that instead. Drawn per sample at training time (no re-cache); "
+        "tag dropout inside a prompt is the variants' job, fixed at cache time (prep cache variants.max_dropout, "
+        "keep_tokens per dataset) or per step on the fly (text.variants)")
     prefetch: int = Field(4, ge=1, description="batches read ahead")
     workers: int = Field(2, ge=1, description="reader threads")
 
@@ -205,7 +207,9 @@ class TrainConfig(Section):
     )
     num_samples: int | None = Field(None, ge=1, description="run length in samples (global)")
     num_steps: int | None = Field(None, ge=1, description="run length in updates")
-    num_epochs: float | None = Field(None, gt=0, description="run length in passes over the training split")
+    num_epochs: float | None = Field(
+        None, gt=0, description="run length in passes over the training split, each image shown its dataset's "
+        "repeats times per pass (kohya's epoch)")
     max_consecutive_skips: int = Field(10, ge=1, description="stop after this many non-finite updates in a row")
     max_skipped_fraction: float = Field(
         0.01, ge=0, le=1,

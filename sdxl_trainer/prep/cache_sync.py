@@ -8,8 +8,9 @@ Run by rank 0 before any rank writes (after ``check_config``):
   per-channel normalisation would scale these latents with another VAE's statistics), unless
   ``--allow-model-change``;
 - rows whose image left the manifest, or whose bucket or caption variants changed since they were
-  encoded (a rescan), are dropped (``cache_format.prune``); the ids then missing are encoded as on
-  any resume, so an unchanged image is never encoded twice.
+  encoded (a rescan: another caption, or the row's own ``keep_tokens``), are dropped
+  (``cache_format.prune``); the ids then missing are encoded as on any resume, so an unchanged
+  image is never encoded twice.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from sdxl_trainer import console
 from sdxl_trainer.cache_format import Group, prune, read_meta, remove_cache
 from sdxl_trainer.cache_format.layout import META_NAME, list_shard_paths, read_shard_meta
-from sdxl_trainer.caption_variants import make_variants, variant_inputs
+from sdxl_trainer.caption_variants import make_variants, variant_inputs, with_keep_tokens
 from sdxl_trainer.config import CacheConfig
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.models import fingerprint
@@ -30,10 +31,12 @@ from sdxl_trainer.schema import read_json
 
 
 def variant_texts(cfg: CacheConfig, row: dict) -> list[str]:
-    """The caption variants the cache stores for a manifest row (a pure function of its inputs)."""
+    """The caption variants the cache stores for a manifest row (a pure function of its inputs); the
+    row's own ``keep_tokens`` (per dataset entry), when set, replaces ``variants.keep_first``."""
     tags, caption = variant_inputs(tags=row["tags"], caption=row["caption"], caption_kind=row["caption_kind"])
-    return make_variants(tags=tags, caption=caption, n=cfg.variants.count, seed=cfg.variants.seed,
-                         image_id=row["id"], cfg=cfg.variants)  # fmt: skip
+    variants = with_keep_tokens(cfg.variants, row.get("keep_tokens"))
+    return make_variants(tags=tags, caption=caption, n=variants.count, seed=variants.seed,
+                         image_id=row["id"], cfg=variants)  # fmt: skip
 
 
 def _recorded(cache: Path) -> list[tuple[str, dict | None]]:

@@ -19,7 +19,7 @@ from sdxl_trainer.prep.images import DEFAULT_MAX_PIXELS, BadImage, content_id, o
 from sdxl_trainer.schema import read_table
 
 ROW_COLUMNS = ("id", "path", "source", "status", "width", "height", "bucket_width", "bucket_height", "tags",
-               "caption", "caption_kind", "n_chunks")  # fmt: skip
+               "caption", "caption_kind", "n_chunks", "keep_tokens")  # fmt: skip
 
 
 class PixelSource:

@@ -4,7 +4,8 @@ Reads ``WORK/cache`` through :mod:`sdxl_trainer.cache_format` only (never ``prep
 
 - :func:`scan_cache` — one pass over the shards' small columns at start-up: which rows have a flip
   copy, which ids are held out for validation (a hash of the id, so the split is the same in every
-  run), and the tag weights joined by id;
+  run), the tag weights joined by id, and each image's repeats and caption dropout from the manifest
+  (per_image.py);
 - :class:`CacheDataset` — a :class:`~sdxl_trainer.train.sampler.BatchSpec` → a batch of tensors:
   per sample a caption variant, the flip copy, a fresh latent draw ``mean + std·ε`` and
   unconditional-prompt dropout, all drawn from generators keyed by (seed, epoch, step, position in
@@ -36,6 +37,7 @@ from sdxl_trainer.cache_format.layout import reading_shard, samples_dir, text_co
 from sdxl_trainer.cache_format.reader import MICRO_COLUMNS
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.schema import read_table
+from sdxl_trainer.train.per_image import epoch_line, join_per_image, uncond_chance
 from sdxl_trainer.train.sampler import (
     BatchSpec,
     BucketBatchSampler,
@@ -77,6 +79,8 @@ class CacheIndex:
     crop_left_flip: dict[Group, np.ndarray] = field(default_factory=dict)  # int32, −1 without a flip copy
     stored: dict[Group, np.ndarray] = field(default_factory=dict)  # uint8 (rows, V): where variant k's text is
     tag_weight: dict[Group, np.ndarray] | None = None  # float32 per row, None without a weights file
+    repeats: dict[Group, np.ndarray] = field(default_factory=dict)  # int32 ≥ 1 per row: times shown per epoch
+    caption_dropout: dict[Group, np.ndarray] | None = None  # float32 per row, NaN = p_uncond; None: no row has one
     train: dict[Group, list[np.ndarray]] = field(default_factory=dict)  # row indices per shard
     holdout: dict[Group, list[np.ndarray]] = field(default_factory=dict)
     holdout_ids: list[str] = field(default_factory=list)
@@ -110,11 +114,13 @@ def _check_complete(cache_dir: Path, meta: dict, groups: Mapping[Group, list]) -
 
 
 def scan_cache(
-    cache_dir: Path, *, holdout_fraction: float = 0.0, holdout_count: int = 0, tag_weights: Path | None = None
+    cache_dir: Path, *, holdout_fraction: float = 0.0, holdout_count: int = 0, tag_weights: Path | None = None,
+    manifest: Path | None = None,
 ) -> CacheIndex:
     """Read the small columns of every shard of a finished cache (never its tensors) and build the index.
 
     Ids and micro-conditioning are kept (~80 bytes a row in all), so a batch read fetches only tensors.
+    ``manifest`` (WORK/manifest.parquet) gives per-image repeats and caption dropout; None: 1 and none.
     """
     cache_dir = Path(cache_dir)
     meta = read_meta(cache_dir)  # a clear error until `prep cache` has finalised
@@ -137,6 +143,8 @@ def scan_cache(
     held = holdout_mask(holdout_hash(all_ids.to_pylist()), fraction=holdout_fraction, count=holdout_count)
     weights = None if tag_weights is None else join_tag_weights(tag_weights, all_ids)
     index.tag_weight = None if weights is None else {}
+    per = join_per_image(manifest, all_ids, cache_meta=meta)
+    index.caption_dropout = None if per.caption_dropout is None else {}
     index.holdout_ids = sorted(all_ids.filter(pa.array(held)).to_pylist())
     start = 0
     for g in keys:
@@ -145,6 +153,9 @@ def scan_cache(
         index.offsets[g] = np.concatenate([[0], np.cumsum(counts[g])[:-1]]).astype(np.int64)
         if weights is not None:
             index.tag_weight[g] = weights[start : start + n]
+        index.repeats[g] = per.repeats[start : start + n]
+        if per.caption_dropout is not None:
+            index.caption_dropout[g] = per.caption_dropout[start : start + n]
         bounds = list(zip(index.offsets[g].tolist(), counts[g]))
         mine = held[start : start + n]
         index.train[g] = [np.flatnonzero(~mine[o : o + c]) for o, c in bounds]
@@ -209,6 +220,7 @@ class CacheDataset:
         tag_weights: Path | None = None,
         holdout_fraction: float = 0.0,
         holdout_count: int = 0,
+        manifest: Path | None = None,
         pin_memory: bool = False,
         max_open_shards: int = 64,
         arrow_threads: bool = False,
@@ -222,12 +234,12 @@ class CacheDataset:
             raise ValueError("pin_memory needs CUDA")
         self.cache_dir, self.seed, self.p_flip, self.p_uncond = Path(cache_dir), seed, p_flip, p_uncond
         self.pin_memory, self.max_open_shards, self.arrow_threads = pin_memory, max_open_shards, arrow_threads
-        self.index = scan_cache(
-            self.cache_dir, holdout_fraction=holdout_fraction, holdout_count=holdout_count, tag_weights=tag_weights
-        )
+        self.index = scan_cache(self.cache_dir, holdout_fraction=holdout_fraction, holdout_count=holdout_count,
+                                tag_weights=tag_weights, manifest=manifest)  # fmt: skip
         self.dims = self.index.dims
         self._uncond: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        if p_uncond > 0:
+        own = self.index.caption_dropout
+        if p_uncond > 0 or (own is not None and any((v > 0).any() for v in own.values())):  # NaN > 0 is False
             u = load_uncond(self.cache_dir)
             for n in sorted({g.n_chunks for g in self.index.shards}):
                 hidden = uncond_text(u["text_hidden"], n_chunks=n, tokens_per_chunk=self.dims.tokens_per_chunk)
@@ -236,8 +248,18 @@ class CacheDataset:
 
     def train_sampler(self, *, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = True,
                       shard_window: int | None = None) -> BucketBatchSampler:  # fmt: skip
-        return BucketBatchSampler(self.index.train, batch_size=batch_size, seed=self.seed, rank=rank,
-                                  world_size=world_size, drop_last=drop_last, shard_window=shard_window)  # fmt: skip
+        """The training split, each row listed ``repeats`` times (the hold-out is never repeated)."""
+        ix = self.index
+        repeats = {g: [ix.repeats[g][o + rows] for o, rows in zip(ix.offsets[g].tolist(), ix.train[g])]
+                   for g in ix.train}  # fmt: skip
+        return BucketBatchSampler(ix.train, batch_size=batch_size, seed=self.seed, rank=rank, world_size=world_size,
+                                  drop_last=drop_last, shard_window=shard_window, repeats=repeats)  # fmt: skip
+
+    def describe_epoch(self, sampler: BucketBatchSampler) -> str:
+        """One line: training images, samples per epoch with repeats, batches (num_epochs counts these)."""
+        images = sum(int(r.size) for v in self.index.train.values() for r in v)
+        return epoch_line(images=images, samples=sampler.rows, batches=len(sampler),
+                          batch=sampler.batch_size * sampler.world_size)  # fmt: skip
 
     def holdout_batches(self, *, batch_size: int, rank: int = 0, world_size: int = 1) -> FixedBatches:
         return FixedBatches(self.index.holdout, batch_size=batch_size, rank=rank, world_size=world_size)
@@ -286,7 +308,8 @@ class CacheDataset:
         if augment:
             ch = sample_choices(seed=self.seed, epoch=spec.epoch, step=spec.step, positions=spec.position,
                                 variants=self.dims.variants)  # fmt: skip
-            slot, drop = ch["variant"], ch["u_uncond"] < self.p_uncond
+            own = None if self.index.caption_dropout is None else self.index.caption_dropout[group][flat]
+            slot, drop = ch["variant"], ch["u_uncond"] < uncond_chance(own, self.p_uncond)
             flip = self.index.has_flip(group, flat) & (ch["u_flip"] < self.p_flip)
         else:
             slot, flip, drop = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)

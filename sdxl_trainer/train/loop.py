@@ -268,13 +268,17 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     open_sinks(cfg, out, main=False)  # only checks the packages: a missing one fails fast
     sinks: list = []  # opened once RUN/ may be written (below); the sample rounds hold this list
 
-    # 2. data: bucket-pure batches from the cache, this rank's share, read ahead on threads
+    # 2. data: bucket-pure batches from the cache (per-image repeats and caption dropout from the manifest),
+    #    this rank's share, read ahead on threads
     tag_weights = Path(cfg.work) / "tag_weights.parquet" if cfg.loss.tag_weights else None
     dataset = CacheDataset(Path(cfg.work) / "cache", seed=cfg.seed, p_flip=cfg.data.p_flip, p_uncond=cfg.data.p_uncond,
                            tag_weights=tag_weights, holdout_fraction=cfg.validation.holdout_fraction,
-                           holdout_count=cfg.validation.holdout_count)  # fmt: skip
+                           holdout_count=cfg.validation.holdout_count,
+                           manifest=Path(cfg.work) / "manifest.parquet")  # fmt: skip
     model_fp = check_inputs(cfg, dataset.index.ids)  # checksums, model fingerprints, manifest (provenance.py)
     sampler = dataset.train_sampler(batch_size=cfg.batch_size, rank=info.rank, world_size=info.world_size)
+    if info.is_main:  # an epoch is the repeated set: num_epochs counts passes over it
+        console.info(dataset.describe_epoch(sampler))
     loader = CacheLoader(dataset, sampler, prefetch=cfg.data.prefetch, workers=cfg.data.workers)
     global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * info.world_size
     n_updates = total_updates(cfg, batches_per_epoch=len(sampler), global_batch=global_batch)

@@ -72,7 +72,8 @@ def _check_stats(cfg: TrainConfig, latents_fp: dict[str, Any]) -> None:
 def check_manifest(path: Path, meta: dict[str, Any], cache_ids: pa.ChunkedArray) -> None:
     """The manifest's ok ids must be the cache's ids plus the ones the cache stage could not read."""
     if not path.is_file():
-        _warn(f"{path} not found: the cache is not compared with the manifest")
+        _warn(f"{path} not found: the cache is not compared with the manifest, and per-image repeats and "
+              "caption dropout are not applied (every image once per epoch, data.p_uncond)")
         return
     table, _ = read_table(path, artifact="manifest", produced_by="sdxl prep scan", columns=["id", "status"])
     ok = table.filter(pc.equal(table["status"], "ok")).column("id").combine_chunks()

@@ -14,6 +14,11 @@ An epoch, from ``(seed, epoch)`` alone:
    order, so consecutive steps change bucket);
 4. rank ``r`` takes rows ``[r·b, (r+1)·b)`` of every global batch, ``b`` its per-rank size.
 
+Per-image repeats (``repeats``: how many times each listed row is shown per epoch, kohya's
+``num_repeats``) list a row that many times before step 1: an epoch is then the repeated set, each
+copy permuted independently (two copies may share a batch), still bucket-pure and still a pure
+function of ``(seed, epoch)``.
+
 So every rank gets the same number of batches, all ranks are in the same group at the same step
 (equal shapes, equal compute), the shares are disjoint and, with ``world_size`` ranks of batch
 ``B``, together hold exactly the rows one process with batch ``B × world_size`` would see. A kept
@@ -113,12 +118,39 @@ def global_batches(perm: np.ndarray, *, size: int, world_size: int, drop_last: b
     return out
 
 
+def repeat_rows(
+    keys: Sequence[Hashable], shards: Mapping[Hashable, list[np.ndarray]],
+    repeats: Mapping[Hashable, Sequence[Sequence[int] | np.ndarray]],
+) -> tuple[dict[Hashable, list[np.ndarray]], str | None]:
+    """Each listed row ``repeats`` times, and a short digest of (group, shard, row, repeats) — None when
+    every row is shown once, so a run without repeats records what it recorded before they existed."""
+    out, digest, trivial = {}, hashlib.blake2b(digest_size=8), True
+    for gi, key in enumerate(keys):
+        reps = repeats.get(key)
+        if reps is None:
+            reps = [np.ones(r.size, dtype=np.int64) for r in shards[key]]
+        if len(reps) != len(shards[key]):
+            raise ValueError(f"group {key}: {len(reps)} repeat arrays for {len(shards[key])} shards")
+        out[key] = []
+        for si, (rows, rep) in enumerate(zip(shards[key], reps)):
+            rep = np.asarray(rep, dtype=np.int64).reshape(-1)
+            if rep.shape != rows.shape or (rep < 1).any():
+                raise ValueError(f"group {key}, shard {si}: repeats must be ≥ 1, one per listed row")
+            once = bool((rep == 1).all())
+            trivial = trivial and once
+            digest.update(f"{gi}/{key}/{si}/{rows.size}".encode() + rows.tobytes() + rep.tobytes())
+            out[key].append(rows if once else np.repeat(rows, rep))
+    return out, None if trivial else digest.hexdigest()
+
+
 class BucketBatchSampler:
     """Bucket-pure, per-epoch shuffled batches for one rank, with an exactly resumable position.
 
     ``groups`` maps a group key (sortable, e.g. ``cache_format.Group``) to its shards, each given as
-    a row count or as the row indices to use. Iterating yields the rest of the current epoch;
-    the position (``epoch``, ``step`` = index of the next batch) moves as batches are handed out.
+    a row count or as the row indices to use. ``repeats`` (optional) gives, per group and shard, how
+    many times each of those rows is shown per epoch (≥ 1; parallel to the rows). Iterating yields the
+    rest of the current epoch; the position (``epoch``, ``step`` = index of the next batch) moves as
+    batches are handed out.
     """
 
     def __init__(
@@ -131,6 +163,7 @@ class BucketBatchSampler:
         world_size: int = 1,
         drop_last: bool = True,
         shard_window: int | None = None,
+        repeats: Mapping[Hashable, Sequence[Sequence[int] | np.ndarray]] | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be ≥ 1")
@@ -142,6 +175,9 @@ class BucketBatchSampler:
             raise ValueError(f"seed={seed} must be ≥ 0")
         self.keys = sorted(groups)
         self.shards = {k: [_rows_of(e) for e in groups[k]] for k in self.keys}
+        self.repeats_digest = None
+        if repeats is not None:
+            self.shards, self.repeats_digest = repeat_rows(self.keys, self.shards, repeats)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.drop_last, self.shard_window = drop_last, shard_window
         self.rows = sum(int(r.size) for k in self.keys for r in self.shards[k])
@@ -208,6 +244,8 @@ class BucketBatchSampler:
             "drop_last": self.drop_last,
             "shard_window": -1 if self.shard_window is None else self.shard_window,
             "rows": self.rows,
+            # which rows repeat how often (only with repeats: a run without them records what it did before)
+            **({"repeats": self.repeats_digest} if self.repeats_digest else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -223,7 +261,8 @@ class BucketBatchSampler:
                 f"the checkpoint's data order was made with other settings ({', '.join(changed)}): "
                 f"saved {saved}, now {self.config()}",
                 where="batch sampler state",
-                fix="resume with the same batch size, world size, seed and cache, or pass --force to accept the new order",
+                fix="resume with the same batch size, world size, seed, cache and per-image repeats, or pass --force "
+                "to accept the new order",
             )
         epoch, step = int(state["epoch"]), int(state["step"])
         if epoch < 0 or step < 0:

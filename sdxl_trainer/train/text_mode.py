@@ -3,8 +3,10 @@
 With ``text.mode: on_the_fly`` each sample's prompt is built per step from its manifest tags and
 caption by :func:`sdxl_trainer.caption_variants.make_variant` (tag shuffle, dropout, keep-first-K),
 with a variant index drawn from a generator seeded by (seed, step): every step sees other prompts,
-and a resumed run sees exactly the prompts the uninterrupted one saw. A sample the loader dropped
-for classifier-free guidance (``batch["uncond"]``) gets the empty prompt.
+and a resumed run sees exactly the prompts the uninterrupted one saw. An image's own ``keep_tokens``
+(manifest column, per dataset entry) replaces ``text.variants.keep_first`` for it. A sample the
+loader dropped for classifier-free guidance (``batch["uncond"]``: data.p_uncond or the image's own
+``caption_dropout``) gets the empty prompt.
 
 The cache's embeddings are then unused; its latents, micro-conditioning and tag weights are not.
 Frozen encoders run in eval mode under ``no_grad``; trained ones (``text.train_encoders``) get their
@@ -15,20 +17,21 @@ resume and into the exported pipeline and single file.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from sdxl_trainer.caption_variants import make_variant, unaltered, variant_inputs
+from sdxl_trainer.caption_variants import make_variant, unaltered, variant_inputs, with_keep_tokens
 from sdxl_trainer.config import TrainConfig
 from sdxl_trainer.config.train import TextSection
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.models.loading import load_text_encoders, load_tokenizers
 from sdxl_trainer.models.text import encode_prompts
 from sdxl_trainer.schema import read_table
+from sdxl_trainer.train.per_image import manifest_columns
 
 MANIFEST_PRODUCER = "sdxl prep scan"
 ENCODER_NAMES = ("text_encoder", "text_encoder_2")
@@ -44,6 +47,17 @@ def load_captions(work: Path) -> dict[str, tuple[list[str], str | None]]:
         image_id: variant_inputs(tags=tags, caption=caption, caption_kind=kind)
         for image_id, tags, caption, kind in zip(cols["id"], cols["tags"], cols["caption"], cols["caption_kind"])
     }
+
+
+def load_keep_tokens(work: Path) -> dict[str, int]:
+    """Image id → its own keep_tokens, for the ok rows that have one (none in an older manifest)."""
+    path = Path(work) / "manifest.parquet"
+    if "keep_tokens" not in manifest_columns(path):
+        return {}
+    columns = ["id", "status", "keep_tokens"]
+    table, _ = read_table(path, artifact="manifest", produced_by=MANIFEST_PRODUCER, columns=columns)
+    return {i: k for i, s, k in zip(*(table.column(c).to_pylist() for c in columns))
+            if s == "ok" and k is not None}  # fmt: skip
 
 
 def variant_indices(*, seed: int, step: int, micro_batches: int, batch_size: int, world_size: int = 1,
@@ -71,6 +85,7 @@ class TextMode:
     device: torch.device
     world_size: int = 1
     rank: int = 0
+    keep_tokens: Mapping[str, int] = field(default_factory=dict)  # image id → its own keep_first
 
     @property
     def train(self) -> bool:
@@ -95,7 +110,8 @@ class TextMode:
             uncond = batch["uncond"].tolist()
             batch["prompts"] = [
                 "" if drop else make_variant(tags=tags, caption=caption, seed=self.cfg.variants.seed,
-                                             image_id=image_id, index=index, cfg=self.cfg.variants)  # fmt: skip
+                                             image_id=image_id, index=index,
+                                             cfg=with_keep_tokens(self.cfg.variants, self.keep_tokens.get(image_id)))  # fmt: skip
                 for image_id, index, drop, (tags, caption) in zip(
                     batch["ids"], idx, uncond, (self._texts(i) for i in batch["ids"])
                 )
@@ -149,4 +165,5 @@ def build_text_mode(cfg: TrainConfig, device: torch.device, *, rank: int = 0, wo
         m.requires_grad_(text.train_encoders)
         m.train(text.train_encoders)
     return TextMode(tokenizers=load_tokenizers(cfg.model), encoders=encoders, captions=load_captions(cfg.work),
-                    cfg=text, device=device, world_size=world_size, rank=rank)  # fmt: skip
+                    cfg=text, device=device, world_size=world_size, rank=rank,
+                    keep_tokens=load_keep_tokens(cfg.work))  # fmt: skip
