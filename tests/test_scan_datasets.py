@@ -367,6 +367,7 @@ def test_kohya_toml_errors_are_one_line(tmp_path: Path, subset: str, expected: s
     ([{"path": "a", "caption_extension": "txt"}], "must look like '.txt'"),
     ([{"path": "a", "name": "a/b"}], "one folder-like word"),
     ([{"hf_dataset": "a", "caption_extension": ".txt"}], "only applies to a folder"),
+    ([{"path": "a", "num_repeat": 3}], "did you mean 'datasets.num_repeats'"),
 ])  # fmt: skip
 def test_bad_entries_are_refused(tmp_path: Path, entries: list[dict], expected: str) -> None:
     conf = tmp_path / "scan.yaml"
@@ -374,3 +375,12 @@ def test_bad_entries_are_refused(tmp_path: Path, entries: list[dict], expected: 
     code, out = run_cli("--config", str(conf))
     lines = out.strip().splitlines()
     assert code == 2 and len(lines) == 1 and expected in lines[0], out
+
+
+def test_dataset_config_names_the_entry_and_the_key(tmp_path: Path) -> None:
+    listing = tmp_path / "datasets.yaml"
+    listing.write_text("datasets:\n  - path: a\n  - path: b\n    keep_token: 1\n")
+    code, out = run_cli("--dataset-config", str(listing), "--out", str(tmp_path / "w"))
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1, out
+    assert "datasets entry 2 (b): unknown key 'keep_token' — did you mean 'keep_tokens'?" in lines[0]

@@ -7,12 +7,13 @@ Regenerate the docs page after changing a config: ``python -m sdxl_trainer.confi
 from __future__ import annotations
 
 from pathlib import PurePath
-from typing import Any, get_args, get_origin
+from typing import Any
 
 import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from sdxl_trainer.config.base import list_item_model
 from sdxl_trainer.config.evaluate import EvaluateConfig, GenerateConfig
 from sdxl_trainer.config.prep import CacheConfig, ScanConfig, StatsConfig, WeightsConfig
 from sdxl_trainer.config.train import TrainConfig
@@ -41,12 +42,6 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
-def _item_model(annotation: Any) -> type[BaseModel] | None:
-    """The model of a ``list[Model]`` field (the scan's ``datasets:``), else None."""
-    args = get_args(annotation) if get_origin(annotation) is list else ()
-    return _nested_model(args[0]) if args else None
-
-
 def template(cls: type[BaseModel], indent: int = 0) -> list[str]:
     """Commented YAML lines: each key with its default (or ``# required``) and its description."""
     pad, lines = "  " * indent, []
@@ -62,7 +57,7 @@ def template(cls: type[BaseModel], indent: int = 0) -> list[str]:
             continue
         default = field.default_factory() if field.default_factory is not None else field.default
         lines.append(f"{pad}{name}: {_value(default)}{note}")
-        item = _item_model(field.annotation)
+        item = list_item_model(field.annotation)
         if item is not None:  # the keys of one entry, commented out: the template stays valid as it is
             keys = template(item, indent + 1)
             lines += [f"{pad}  # - {keys[0].strip()}"] + [f"{pad}  #   {k.strip()}" for k in keys[1:]]

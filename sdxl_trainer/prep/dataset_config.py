@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from sdxl_trainer import console
 from sdxl_trainer.config import DatasetEntry, read_config_file
+from sdxl_trainer.config.datasets import ALIASES
 from sdxl_trainer.errors import UserError
 
 # kohya subset key → ours. All but image_dir and class_tokens may also sit in [general] or [[datasets]].
@@ -70,7 +71,7 @@ def read_dataset_config(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         try:
             DatasetEntry.model_validate(entry)
         except ValidationError as e:
-            errors = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'entry'}: {x['msg']}" for x in e.errors())
+            errors = "; ".join(_explain(x) for x in e.errors())
             raise UserError(f"datasets entry {i + 1} ({entry.get('path') or entry.get('hf_dataset')}): {errors}",
                             where=str(path), fix="see docs/datasets.md for the keys") from None
     return entries, notes
@@ -80,6 +81,14 @@ def print_notes(notes: list[str]) -> None:
     """The notes of :func:`read_dataset_config`, printed once the whole config is known to be valid."""
     for note in notes:
         console.info(f"[yellow]{escape(note)}[/]")
+
+
+def _explain(error: dict[str, Any]) -> str:
+    key = ".".join(map(str, error["loc"])) or "entry"
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, [*DatasetEntry.model_fields, *ALIASES], n=1)
+        return f"unknown key {key!r}" + (f" — did you mean {close[0]!r}?" if close else "")
+    return f"{key}: {error['msg']}"
 
 
 def _check_keys(section: dict[str, Any], where: str, path: Path, *, subset: bool) -> None:
