@@ -171,11 +171,11 @@ def decorate(caption: Caption, entry: Entry, folder_caption: str | None = None) 
 
 def per_dataset(items: Iterable[Item], rows: Iterable[dict], entries: list[Entry]) -> list[dict[str, Any]]:
     """One record per entry (images outside N_name folders) and per N_name folder: its numbers for an epoch."""
-    by_name = {e.name: e for e in entries}
+    by_name = {e.name: (i, e) for i, e in enumerate(entries)}
     groups: dict[tuple, dict[str, Any]] = {}
     for item, row in zip(items, rows):
-        e = by_name[item.dataset]
-        g = groups.setdefault((entries.index(e), item.folder or ""), {
+        index, e = by_name[item.dataset]
+        g = groups.setdefault((index, item.folder or ""), {
             "name": "/".join(x for x in (e.name, item.folder) if x) or e.label, "dataset": e.name,
             "folder": item.folder, "files_found": 0, "ok": 0, "repeats": item.repeats, "samples_per_epoch": 0,
             "keep_tokens": e.keep_tokens, "activation_token": e.activation_token,
