@@ -6,7 +6,6 @@ Every key, its default and its meaning: docs/configuration.md (``sdxl config STA
 """
 
 from sdxl_trainer.config.base import Precision, Section, dump_config, load_config, read_config_file
-from sdxl_trainer.config.datasets import DatasetEntry
 from sdxl_trainer.config.evaluate import EvaluateConfig, GenerateConfig, SamplingSection
 from sdxl_trainer.config.prep import (
     DEFAULT_IGNORE_PREFIXES,
@@ -36,7 +35,7 @@ from sdxl_trainer.config.train import (
 
 __all__ = [
     "DEFAULT_IGNORE_PREFIXES", "DEFAULT_IGNORE_TAGS", "BucketConfig", "CacheConfig",
-    "CaptionVariantsConfig", "CheckpointSection", "DatasetEntry", "EMASection", "EvaluateConfig", "GenerateConfig", "LatentSection",
+    "CaptionVariantsConfig", "CheckpointSection", "EMASection", "EvaluateConfig", "GenerateConfig", "LatentSection",
     "LoggingSection", "LoraSection", "LossSection", "ObjectiveSection", "OptimizerSection", "Precision",
     "SampleChecksSection", "SamplesSection", "SamplingSection", "ScanConfig", "ScheduleSection", "Section", "StatsConfig", "TrainConfig", "TrainDataSection",
     "ValidationSection", "WeightsConfig", "dump_config", "load_config", "read_config_file",

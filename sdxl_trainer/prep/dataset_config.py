@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from rich.markup import escape
 
 from sdxl_trainer import console
-from sdxl_trainer.config import DatasetEntry, read_config_file
-from sdxl_trainer.config.datasets import ALIASES
+from sdxl_trainer.config import read_config_file
+from sdxl_trainer.config.datasets import ALIASES, DatasetEntry
 from sdxl_trainer.errors import UserError
 
 # kohya subset key → ours. All but image_dir and class_tokens may also sit in [general] or [[datasets]].
