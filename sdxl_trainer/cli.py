@@ -83,6 +83,12 @@ def scan(
     data_dir: Optional[Path] = typer.Argument(None, help="Folder tree of images with optional <stem>.txt tags."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Work directory (receives manifest.parquet)."),
     hf_dataset: Optional[Path] = typer.Option(None, help="A local Hugging Face dataset instead of DATA_DIR."),
+    dataset_config: Optional[Path] = typer.Option(
+        None, help="A datasets: list (YAML/TOML) or a kohya dataset TOML, instead of DATA_DIR."
+    ),
+    folder_repeats: Optional[bool] = typer.Option(
+        None, "--folder-repeats/--no-folder-repeats", help="A first-level folder 10_name repeats its images 10×."
+    ),
     image_column: Optional[str] = typer.Option(None, help="HF dataset image column."),
     caption_column: Optional[str] = typer.Option(None, help="HF dataset caption column."),
     hf_split: Optional[str] = typer.Option(None, help="HF dataset split."),
@@ -108,7 +114,9 @@ def scan(
 ) -> None:
     """Find and validate every image, assign aspect-ratio buckets → WORK/manifest.parquet."""
     from sdxl_trainer.prep import scan as stage
+    from sdxl_trainer.prep.dataset_config import print_notes, read_dataset_config
 
+    entries, notes = read_dataset_config(dataset_config) if dataset_config is not None else (None, [])
     cfg = load(
         ScanConfig,
         config,
@@ -116,6 +124,8 @@ def scan(
             "data_dir": data_dir,
             "out": out,
             "hf_dataset": hf_dataset,
+            "datasets": entries,
+            "folder_repeats": folder_repeats,
             "image_column": image_column,
             "caption_column": caption_column,
             "hf_split": hf_split,
@@ -134,6 +144,7 @@ def scan(
             "max_chunks": max_chunks,
         },
     )
+    print_notes(notes)  # what of a kohya dataset TOML is done differently or left to training
     with one_writer(cfg.out, "prep scan", force_unlock):
         stage.run(cfg)
 

@@ -31,9 +31,11 @@ META_KEY = b"sdxl_trainer"
 
 # ── manifest.parquet (prep scan): one row per image file found, kept or not ─────────────────
 # Its metadata (``extra``) holds ``source`` — {"kind": "folder", "root"} or {"kind": "hf_dataset",
-# "format": "arrow"|"parquet", "root", "split", "image_column", "caption_column"}, what
-# ``prep.hf_source.open_source(source, row["source"])`` needs to read a row's bytes — plus
-# ``buckets`` (the [w, h] list rows were assigned from) and ``tokenizer`` (the --model, or null).
+# "format": "arrow"|"parquet", "root", "split", "image_column", "caption_column"}, or for a
+# ``datasets:`` list {"kind": "datasets", "datasets": [{"name", <one of those>}, ...]} with row paths
+# and sources prefixed "<name>/" — what ``prep.hf_source.open_source(source, row["source"])`` needs
+# to read a row's bytes — plus ``buckets`` (the [w, h] list rows were assigned from), ``tokenizer``
+# (the --model, or null) and ``caption_options`` (per entry, for rescans).
 # ``id`` is unique among ok rows; ``path`` is unique among all rows.
 MANIFEST_STATUSES = ("ok", "skipped", "duplicate")
 MANIFEST_SCHEMA = pa.schema(

@@ -11,7 +11,7 @@ import difflib
 import tomllib
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -86,16 +86,22 @@ def _key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     out = []
     for name, field in model.model_fields.items():
         out.append(prefix + name)
-        nested = _model_at(model, (name,))
+        nested = _model_at(model, (name,)) or list_item_model(field.annotation)
         if nested is not None:
             out += _key_paths(nested, f"{prefix}{name}.")
     return out
 
 
+def list_item_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of a ``list[Model]`` field (the scan's ``datasets:``): its keys are suggested too."""
+    args = get_args(annotation) if get_origin(annotation) is list else ()
+    return args[0] if args and isinstance(args[0], type) and issubclass(args[0], BaseModel) else None
+
+
 def suggest_key(cls: type[BaseModel], loc: tuple, options: Mapping[str, str] | None = None) -> str:
     """" — did you mean …?" for an unknown key at ``loc``: the key of that name in another section (with the
     flag that sets it), else a near-miss in its own section, else one anywhere; "" when nothing is close."""
-    name, parent = str(loc[-1]), ".".join(map(str, loc[:-1]))
+    name, parent = str(loc[-1]), ".".join(str(p) for p in loc[:-1] if not isinstance(p, int))  # datasets.0.x
     paths = _key_paths(cls)
     # the key of another section (learning_rate → optimizer.learning_rate; lora_rank → lora.rank)
     found = [p for p in paths if name in (p.rpartition(".")[2], p.replace(".", "_"))]

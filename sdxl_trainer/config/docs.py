@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from sdxl_trainer.config.base import list_item_model
 from sdxl_trainer.config.evaluate import EvaluateConfig, GenerateConfig
 from sdxl_trainer.config.prep import CacheConfig, ScanConfig, StatsConfig, WeightsConfig
 from sdxl_trainer.config.train import TrainConfig
@@ -56,6 +57,10 @@ def template(cls: type[BaseModel], indent: int = 0) -> list[str]:
             continue
         default = field.default_factory() if field.default_factory is not None else field.default
         lines.append(f"{pad}{name}: {_value(default)}{note}")
+        item = list_item_model(field.annotation)
+        if item is not None:  # the keys of one entry, commented out: the template stays valid as it is
+            keys = template(item, indent + 1)
+            lines += [f"{pad}  # - {keys[0].strip()}"] + [f"{pad}  #   {k.strip()}" for k in keys[1:]]
     return lines
 
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from sdxl_trainer.config.base import Precision, Section
+from sdxl_trainer.config.datasets import DatasetEntry, name_entries
 
 
 def parse_resolution(value: Any) -> tuple[int, int]:
@@ -83,6 +84,10 @@ class ScanConfig(Section):
     """`sdxl prep scan`: find, validate and bucket every image; write WORK/manifest.parquet."""
 
     data_dir: Path | None = Field(None, description="folder tree of images with optional .txt sidecars")
+    datasets: list[DatasetEntry] = Field(
+        default_factory=list, description="several folders / HF datasets, each with its own repeats and caption "
+        "options (docs/datasets.md); instead of data_dir / hf_dataset"
+    )
     hf_dataset: Path | None = Field(None, description="a local Hugging Face dataset (save_to_disk folder or Parquet)")
     image_column: str | None = Field(None, description="HF dataset image column (auto-detected when unset)")
     caption_column: str | None = Field(None, description="HF dataset caption column (auto-detected when unset)")
@@ -98,14 +103,27 @@ class ScanConfig(Section):
     max_pixels: int = Field(120_000_000, gt=0, description="skip larger images (decompression bombs) unallocated")
     workers: int = Field(0, ge=0, description="decode processes; 0 = all cores")
     underscores_to_spaces: bool = Field(False, description="rewrite tag underscores as spaces")
+    folder_repeats: bool = Field(
+        True, description="a first-level folder named N_name (10_hopper, 1 ≤ N ≤ 999) repeats its images N times "
+        "an epoch; 'name' captions its images that have no sidecar"
+    )
     alpha_background: Literal["white", "black"] = Field("white", description="what transparent pixels become")
     max_chunks: int = Field(3, ge=1, description="75-token chunks a caption may use")
     buckets: BucketConfig = Field(default_factory=BucketConfig)
 
     @model_validator(mode="after")
     def _one_source(self) -> "ScanConfig":
-        if (self.data_dir is None) == (self.hf_dataset is None):
-            raise ValueError("give exactly one input: a DATA_DIR folder or --hf-dataset PATH")
+        given = [n for n, v in (("DATA_DIR", self.data_dir), ("--hf-dataset", self.hf_dataset),
+                                ("a datasets: list", self.datasets)) if v]  # fmt: skip
+        if len(given) != 1:
+            what = " and ".join(given) if given else "no input"
+            raise ValueError(f"give exactly one input: a DATA_DIR folder, --hf-dataset PATH or a datasets: list "
+                             f"(--dataset-config FILE), got {what}")
+        if self.datasets:
+            top = [k for k in ("image_column", "caption_column", "hf_split") if getattr(self, k) is not None]
+            if top:
+                raise ValueError(f"with a datasets: list, set {', '.join(top)} in its hf_dataset entry")
+            name_entries(self.datasets)
         return self
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 MAX_TAG_WORDS = 4
 FLAGS = ("caption_missing", "caption_empty", "caption_non_utf8", "caption_unreadable", "empty_tags_dropped",
-         "duplicate_tags_dropped")  # fmt: skip
+         "duplicate_tags_dropped", "caption_from_folder")  # fmt: skip
 _SPLIT = re.compile(r"[,\n]")
 _SPACES = re.compile(r"\s+")
 _SENTENCE_END = (".", "!", "?")

@@ -291,7 +291,16 @@ def _row_group(path: str, group: int, column: str) -> pa.Table:
 
 
 def open_source(source_meta: dict[str, Any], source: str) -> BinaryIO:
-    """The encoded image of one manifest row, given the manifest's ``source`` metadata."""
+    """The encoded image of one manifest row, given the manifest's ``source`` metadata.
+
+    A ``datasets`` source lists its entries; a row's source is ``<entry name>/<source within it>``.
+    """
+    if source_meta["kind"] == "datasets":
+        name, _, inner = source.partition("/")
+        entry = next((d for d in source_meta["datasets"] if d["name"] == name), None)
+        if entry is None:
+            raise UserError(f"the manifest lists no dataset {name!r}", where=source, fix="re-run `sdxl prep scan`")
+        return open_source(entry, inner)
     root = Path(source_meta["root"])
     if source_meta["kind"] == "folder":
         return io.BytesIO((root / source).read_bytes())
