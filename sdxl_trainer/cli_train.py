@@ -42,6 +42,8 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any,
         hf_dataset: Optional[Path] = typer.Option(None, "--hf-dataset", help="One command, from a local HF dataset."),
         prep_config: Optional[Path] = typer.Option(None, "--prep-config",
             help="One command: YAML/TOML with sections scan, stats, cache, weights (e.g. scan.datasets)."),
+        dataset_config: Optional[Path] = typer.Option(None, "--dataset-config", "--dataset_config",
+            help="One command: a datasets: list (ours, or kohya's dataset TOML) instead of --data-dir."),
         resolution: Optional[str] = typer.Option(None, help="One command: bucket size, 1024 | 768 | 512 | W,H."),
         min_bucket_reso: Optional[int] = typer.Option(None, "--min-bucket-reso", "--min_bucket_reso",
                                                       help="One command: shortest bucket side."),
@@ -152,7 +154,7 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any,
         }  # fmt: skip
         if lora and lora_rank is not None and lora_alpha is None:
             overrides["lora.alpha"] = float(lora_rank)
-        one_command = any(v is not None for v in (data_dir, hf_dataset, prep_config))
+        one_command = any(v is not None for v in (data_dir, hf_dataset, prep_config, dataset_config))
         if one_command:
             overrides["work"] = work or _run_dir(out, config) / "work"
         elif any(v is not None for v in (resolution, min_bucket_reso, max_bucket_reso)):
@@ -163,6 +165,7 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any,
             from sdxl_trainer import pipeline
 
             src = pipeline.DataSource(data_dir=data_dir, hf_dataset=hf_dataset, prep_config=prep_config,
+                                      dataset_config=dataset_config,
                                       resolution=resolution, min_bucket_reso=min_bucket_reso,
                                       max_bucket_reso=max_bucket_reso, force_unlock=force_unlock)  # fmt: skip
             summary = pipeline.run(src, cfg)

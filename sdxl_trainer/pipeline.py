@@ -55,6 +55,7 @@ class DataSource:
     data_dir: Path | None = None
     hf_dataset: Path | None = None
     prep_config: Path | None = None  # sections scan:, stats:, cache:, weights: (each as `sdxl config STAGE`)
+    dataset_config: Path | None = None  # a datasets: list, ours or kohya's dataset TOML (docs/datasets.md)
     resolution: str | None = None
     min_bucket_reso: int | None = None
     max_bucket_reso: int | None = None
@@ -82,11 +83,17 @@ def stage_configs(src: DataSource, cfg: TrainConfig) -> dict[str, Any]:
     work, model = Path(cfg.work), Path(cfg.model)
     scan_extra = {"data_dir": src.data_dir, "hf_dataset": src.hf_dataset, "buckets.resolution": src.resolution,
                   "buckets.min_side": src.min_bucket_reso, "buckets.max_side": src.max_bucket_reso}  # fmt: skip
+    if src.dataset_config is not None:
+        from sdxl_trainer.prep.dataset_config import print_notes, read_dataset_config
+
+        entries, notes = read_dataset_config(src.dataset_config)
+        print_notes(notes)
+        scan_extra["datasets"] = entries
     scan = data.get("scan") or {}
-    if src.data_dir is None and src.hf_dataset is None and not any(scan.get(k) for k in ("data_dir", "hf_dataset",
-                                                                                         "datasets")):
-        raise UserError("no images given", fix="give --data-dir DATA (or --hf-dataset, or a scan: section with "
-                        "datasets: in --prep-config)")  # fmt: skip
+    if not any(scan_extra.get(k) for k in ("data_dir", "hf_dataset", "datasets")) and \
+            not any(scan.get(k) for k in ("data_dir", "hf_dataset", "datasets")):  # fmt: skip
+        raise UserError("no images given", fix="give --data-dir DATA (or --hf-dataset, --dataset-config, or "
+                        "scan.datasets in --prep-config)")  # fmt: skip
     return {
         "scan": _section(src.prep_config, data, "scan", {"out": work, "model": model}, scan_extra),
         "stats": _section(src.prep_config, data, "stats", {"work": work, "model": model}, {}),

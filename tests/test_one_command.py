@@ -172,3 +172,69 @@ def test_scan_cli_resolution_and_kohya_bucket_flags(synthetic_data_dir, tmp_path
     assert buckets == set(make_buckets(max_area=128 * 128, step=64, min_side=64, max_side=192, base=128))
     ok = table.filter(table["status"].to_numpy(zero_copy_only=False) == "ok").to_pylist()
     assert ok and all((r["bucket_width"], r["bucket_height"]) in buckets for r in ok)
+
+
+# ── a datasets: list through every stage ───────────────────────────────────────────────────────
+
+
+def _split_data(tmp: Path, synthetic_data_dir: Path) -> tuple[Path, Path]:
+    """Two folders of the synthetic set: 'hero' (8 images, .caption sidecars) and 'style' (16, .txt)."""
+    images = sorted(p for p in synthetic_data_dir.iterdir() if p.suffix != ".txt")
+    hero, style = tmp / "hero", tmp / "style"
+    for folder, chosen, ext in ((hero, images[:8], ".caption"), (style, images[8:24], ".txt")):
+        folder.mkdir()
+        for img in chosen:
+            shutil.copy(img, folder / img.name)
+            shutil.copy(img.with_suffix(".txt"), (folder / img.name).with_suffix(ext))
+    return hero, style
+
+
+@pytest.mark.parametrize("layout", ["ours", "kohya"])
+def test_one_command_with_a_dataset_config(tmp_path, synthetic_data_dir, tiny_model_dir, layout):
+    import pyarrow.parquet as pq
+
+    from sdxl_trainer.cache_format import list_groups
+
+    hero, style = _split_data(tmp_path, synthetic_data_dir)
+    if layout == "ours":
+        config = tmp_path / "datasets.yaml"
+        config.write_text(yaml.safe_dump({"datasets": [
+            {"path": str(hero), "num_repeats": 3, "activation_token": "hero token", "caption_extension": ".caption",
+             "caption_dropout_rate": 0.25},
+            {"path": str(style), "keep_tokens": 2}]}))  # fmt: skip
+    else:
+        config = tmp_path / "datasets.toml"
+        config.write_text(f'[general]\ncaption_extension = ".txt"\n\n[[datasets]]\n\n[[datasets.subsets]]\n'
+                          f'image_dir = "{hero}"\nnum_repeats = 3\nclass_tokens = "hero token"\n'
+                          f'caption_extension = ".caption"\ncaption_dropout_rate = 0.25\n\n'
+                          f'[[datasets.subsets]]\nimage_dir = "{style}"\nkeep_tokens = 2\n')  # fmt: skip
+    prep = tmp_path / "prep.yaml"
+    prep.write_text(yaml.safe_dump({"scan": {"min_side": 64}, "cache": {"device": "cpu", "batch_size": 16}}))
+    run = tmp_path / "run"
+    result = _sdxl(["train", "--dataset-config", str(config), "--model", str(tiny_model_dir), "--out", str(run),
+                    "--prep-config", str(prep), "--resolution", "128", "--batch-size", "4", "--device", "cpu",
+                    "--num-epochs", "1", "--set", "checkpoints.single_file=false", "--set",
+                    "checkpoints.diffusers=false", "--set", "logging.tensorboard=false"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest, _ = read_table(run / "work" / "manifest.parquet", artifact="manifest", produced_by="sdxl prep scan")
+    rows = {r["path"]: r for r in manifest.to_pylist() if r["status"] == "ok"}
+    assert len(rows) == 24
+    by_set = {name: [r for p, r in rows.items() if p.startswith(name + "/")] for name in ("hero", "style")}
+    assert len(by_set["hero"]) == 8 and len(by_set["style"]) == 16
+    assert all(r["repeats"] == 3 and r["tags"][0] == "hero token" and r["caption_dropout"] == 0.25
+               and r["keep_tokens"] == 1 for r in by_set["hero"])  # fmt: skip
+    assert all(r["repeats"] == 1 and r["keep_tokens"] == 2 and r["caption_dropout"] is None for r in by_set["style"])
+    # one epoch = 8·3 + 16 = 40 samples with repeats; the trainer says so and trains that many batches
+    printed = " ".join(result.output.split())
+    assert "40 samples with repeats" in printed
+    # the cache holds the activation token first in every variant of a hero image
+    hero_ids = {r["id"] for r in by_set["hero"]}
+    seen = 0
+    for infos in list_groups(run / "work" / "cache").values():
+        for info in infos:
+            table = pq.read_table(info.path, columns=["id", "captions"])
+            for row in table.to_pylist():
+                if row["id"] in hero_ids:
+                    seen += 1
+                    assert all(c.startswith("hero token") for c in row["captions"]), row["captions"]
+    assert seen == 8

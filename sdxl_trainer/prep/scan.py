@@ -219,6 +219,9 @@ def _print(summary: dict, out: Path) -> None:
             ("read / reused", f"{s['read']} / {s['reused']}"), ("check rate", rate)]
     rows += [(f"  skipped: {k}", n) for k, n in sorted(s["skipped_by_reason"].items())]
     rows += [(f"  flag: {k}", n) for k, n in sorted(s["flags"].items())]
+    if s["flags"].get("upscale_needed"):  # the policy for them, where the count is read (docs/scan.md)
+        rows.append(("  smaller than their bucket", f"{s['flags']['upscale_needed']}: upscaled when cached; "
+                     "--min-side skips them"))  # fmt: skip
     rows += [("  unreadable folder", d) for d in s["unreadable_dirs"]]
     console.table(f"prep scan → {out}", rows)
     datasets.print_datasets(s)
