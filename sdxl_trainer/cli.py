@@ -246,7 +246,9 @@ def demo(
     seed: int = typer.Option(0, help="Seed for the model weights and the data."),
     train_steps: int = typer.Option(600, help="Updates per trained model (four are trained)."),
     quick: bool = typer.Option(False, "--quick", help="Smoke test for CI: random VAE, tiny sampling; the numbers mean nothing."),
-    threads: int = typer.Option(2, min=1, help="torch intra-op threads (1 on a machine busy with other work)."),
+    threads: Optional[int] = typer.Option(
+        None, min=1, help="torch intra-op threads (unset: all cores when idle, 1 when other work keeps a core busy)."
+    ),
     kit_only: bool = typer.Option(False, "--kit-only", help="Build only DIR/model and DIR/data (the kit); train nothing."),
 ) -> None:
     """Run every stage on synthetic data and a tiny SDXL model (offline, CPU, minutes)."""

@@ -123,17 +123,32 @@ def samples_strip(runs: Path, *, image: str = "00-seed0.png", cell: int = 96) ->
     return image_grid(rows, row_labels=row_labels, col_labels=[f"step {s}" for s in steps], cell=cell)
 
 
+def auto_threads() -> tuple[int, str]:
+    """(torch threads, why) for the tiny models: every core when the machine is idle, one when other
+    work keeps a core busy. Measured on 2 cores (docs/demo.md, "Threads"): idle, 2 threads fit the
+    VAE 1.5× faster than 1; beside one busy process, 2 threads were 3.7× slower than 1."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = cores - load
+    threads = 1 if cores == 1 or free < cores - 0.5 else min(cores, 2)
+    return threads, f"auto: 1-minute load {load:.1f} on {cores} core(s)"
+
+
 def run(out: Path, *, n_images: int = DEMO_IMAGES, seed: int = 0, train_steps: int = TRAIN_STEPS,
-        quick: bool = False, threads: int = 2, kit_only: bool = False) -> dict:
+        quick: bool = False, threads: int | None = None, kit_only: bool = False) -> dict:
     """Build the kit (reusing it when present) and run every stage; returns timings and black-image numbers.
 
     ``quick`` shrinks the sampling (2 seeds, 4 steps, two report checks): a smoke test of every code
     path for CI, whose numbers mean nothing. ``threads`` is torch's intra-op thread count for the
     whole demo, the VAE fit included (results are bitwise reproducible for a given count; on a
-    machine busy with other work, 1 avoids OpenMP threads fighting for the cores). ``kit_only``
+    machine busy with other work, 1 avoids OpenMP threads fighting for the cores); None picks it
+    from the machine's load (:func:`auto_threads`). ``kit_only``
     builds DIR/model and DIR/data, prints where they are and trains nothing; it returns
     ``{"model", "data", "timings"}``.
     """
+    if threads is None:
+        threads, why = auto_threads()
+        console.info(f"torch threads: {threads} ({why}; --threads sets it)")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

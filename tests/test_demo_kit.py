@@ -119,3 +119,13 @@ def test_step_progress_prints_every_tenth_and_the_last_step(capsys):
     finally:
         console.set_quiet(False)
     assert "fit" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cores, load, expected", [(2, 0.1, 2), (2, 0.4, 2), (2, 0.9, 1), (2, 2.5, 1), (1, 0.0, 1),
+                                                   (16, 0.2, 2), (16, 15.8, 1)])  # fmt: skip
+def test_auto_threads_follow_the_load(monkeypatch, cores, load, expected):
+    """Idle: 2 threads (1.5× faster on 2 cores); another process busy: 1 (2 threads measured 3.7× slower)."""
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (load, load, load))
+    threads, why = demo.auto_threads()
+    assert threads == expected and f"{load:.1f}" in why
