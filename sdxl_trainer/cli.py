@@ -12,9 +12,10 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from sdxl_trainer import __version__, cli_help, cli_inference, cli_options, cli_train, console, disk, locks
+from sdxl_trainer import __version__, cli_help, cli_inference, cli_options, cli_train, cli_vae, console, disk, locks
 from sdxl_trainer.cli_options import load, parse_sets
-from sdxl_trainer.config import CacheConfig, EvaluateConfig, GenerateConfig, ScanConfig, StatsConfig, TrainConfig, WeightsConfig
+from sdxl_trainer.config import (CacheConfig, EvaluateConfig, GenerateConfig, ScanConfig, StatsConfig, TrainConfig,
+                                 VaeTrainConfig, WeightsConfig)
 from sdxl_trainer.errors import UserError
 
 app = typer.Typer(
@@ -258,6 +259,7 @@ def demo(
 
 
 train = cli_train.register(app, user_errors, CONFIG_OPT, one_writer, UNLOCK_OPT)  # sdxl train
+train_vae = cli_vae.register(app, user_errors, CONFIG_OPT, one_writer, UNLOCK_OPT)  # sdxl train-vae
 
 
 generate, evaluate = cli_inference.register(app, user_errors, CONFIG_OPT)  # sdxl generate, sdxl evaluate
@@ -265,7 +267,7 @@ generate, evaluate = cli_inference.register(app, user_errors, CONFIG_OPT)  # sdx
 
 @app.command("config", cls=cli_help.HelpCommand)
 @user_errors
-def config_template(stage: str = typer.Argument(..., help="scan | stats | cache | weights | train | generate | evaluate")) -> None:
+def config_template(stage: str = typer.Argument(..., help="scan | stats | cache | weights | train | train-vae | generate | evaluate")) -> None:
     """Print a stage's config as commented YAML with every default (a starting point for --config)."""
     from sdxl_trainer.config.docs import STAGES, template
 
@@ -275,7 +277,8 @@ def config_template(stage: str = typer.Argument(..., help="scan | stats | cache 
 
 
 for _command, _cls in ((scan, ScanConfig), (stats, StatsConfig), (cache, CacheConfig), (weights, WeightsConfig),
-                       (train, TrainConfig), (generate, GenerateConfig), (evaluate, EvaluateConfig)):  # fmt: skip
+                       (train, TrainConfig), (train_vae, VaeTrainConfig), (generate, GenerateConfig),
+                       (evaluate, EvaluateConfig)):  # fmt: skip
     cli_help.config_defaults(_cls)(_command)  # each option's help shows its config default
 
 

@@ -31,6 +31,9 @@ ALLOWED = {
     "train": {"errors", "schema", "config", "console", "models", "diffusion", "cache_format", "dist", "caption_variants",
               "sampling"},
     "evaluate": {"errors", "schema", "config", "console", "models", "diffusion", "train", "sampling"},
+    # `sdxl train-vae`: reads images as prep does (prep/pixels.py) and trains with train's blocks, so it
+    # sits above both, keeping train free of prep
+    "vae_train": {"errors", "schema", "config", "console", "models", "dist", "prep", "train"},
 }
 THIRD_PARTY_FORBIDDEN = {"diffusion": {"diffusers", "transformers", "peft", "pyarrow", "datasets", "PIL"}}
 

@@ -32,11 +32,12 @@ from sdxl_trainer.config.train import (
     TrainDataSection,
     ValidationSection,
 )
+from sdxl_trainer.config.vae_train import VaeTrainConfig
 
 __all__ = [
     "DEFAULT_IGNORE_PREFIXES", "DEFAULT_IGNORE_TAGS", "BucketConfig", "CacheConfig",
     "CaptionVariantsConfig", "CheckpointSection", "EMASection", "EvaluateConfig", "GenerateConfig", "LatentSection",
     "LoggingSection", "LoraSection", "LossSection", "ObjectiveSection", "OptimizerSection", "Precision",
     "SampleChecksSection", "SamplesSection", "SamplingSection", "ScanConfig", "ScheduleSection", "Section", "StatsConfig", "TrainConfig", "TrainDataSection",
-    "ValidationSection", "WeightsConfig", "dump_config", "load_config", "load_section", "read_config_file",
+    "ValidationSection", "VaeTrainConfig", "WeightsConfig", "dump_config", "load_config", "load_section", "read_config_file",
 ]  # fmt: skip

@@ -17,6 +17,7 @@ from sdxl_trainer.config.base import list_item_model
 from sdxl_trainer.config.evaluate import EvaluateConfig, GenerateConfig
 from sdxl_trainer.config.prep import CacheConfig, ScanConfig, StatsConfig, WeightsConfig
 from sdxl_trainer.config.train import TrainConfig
+from sdxl_trainer.config.vae_train import VaeTrainConfig
 
 STAGES: dict[str, tuple[type[BaseModel], str]] = {
     "scan": (ScanConfig, "sdxl prep scan"),
@@ -24,6 +25,7 @@ STAGES: dict[str, tuple[type[BaseModel], str]] = {
     "cache": (CacheConfig, "sdxl prep cache"),
     "weights": (WeightsConfig, "sdxl prep weights"),
     "train": (TrainConfig, "sdxl train"),
+    "train-vae": (VaeTrainConfig, "sdxl train-vae"),
     "generate": (GenerateConfig, "sdxl generate"),
     "evaluate": (EvaluateConfig, "sdxl evaluate"),
 }

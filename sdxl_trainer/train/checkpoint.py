@@ -138,12 +138,12 @@ def _export(folder: Path, cfg: TrainConfig, unet: torch.nn.Module, exports: dict
                          text_encoder_2=te2, dtype=ck.dtype, objective=cfg.objective.name)  # fmt: skip
 
 
-def _with_new_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+def _with_new_defaults(saved: dict[str, Any], cls: type, fixed: tuple[str, ...]) -> dict[str, Any]:
     """``saved`` with the section keys added since it was written at their defaults: a checkpoint from
     before a key existed (lora.fp8_base) was trained as that key's default describes."""
     out = dict(saved)
-    for name in dict.fromkeys(k.split(".")[0] for k in RESUME_FIXED):  # optimizer.bf16_weights: the optimizer section
-        field = TrainConfig.model_fields[name]
+    for name in dict.fromkeys(k.split(".")[0] for k in fixed):  # optimizer.bf16_weights: the optimizer section
+        field = cls.model_fields[name]
         if isinstance(out.get(name), dict) and field.default_factory is not None:
             out[name] = {**field.default_factory().model_dump(mode="json"), **out[name]}
     return out
@@ -156,9 +156,11 @@ def _setting(config: dict[str, Any], key: str) -> Any:
     return config
 
 
-def check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    saved, now = _with_new_defaults(saved), cfg.model_dump(mode="json")
-    changed = [k for k in RESUME_FIXED if _setting(saved, k) != _setting(now, k)]
+def check_resume_config(saved: dict[str, Any], cfg: Any, *, fixed: tuple[str, ...] = RESUME_FIXED) -> None:
+    """Refuse (without --force) a resume whose ``fixed`` settings differ from the checkpoint's;
+    ``cfg`` is any stage config with ``force`` (TrainConfig; `sdxl train-vae`'s VaeTrainConfig)."""
+    saved, now = _with_new_defaults(saved, type(cfg), fixed), cfg.model_dump(mode="json")
+    changed = [k for k in fixed if _setting(saved, k) != _setting(now, k)]
     if changed and not cfg.force:
         raise UserError(
             f"the checkpoint was trained with other {', '.join(changed)} "

@@ -26,7 +26,7 @@ from sdxl_trainer import console, dist
 from sdxl_trainer.config import TrainConfig
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.schema import read_json_file
-from sdxl_trainer.train.checkpoint import check_resume_config, trainable_state
+from sdxl_trainer.train.checkpoint import RESUME_FIXED, check_resume_config, trainable_state
 from sdxl_trainer.train.checkpoint_dir import (
     CHECKPOINTS,
     flatten_state,
@@ -92,12 +92,13 @@ def verify_resume_files(folder: Path) -> None:
                     "(damaged on disk or in a copy)", where=str(Path(folder) / bad[0]), fix=fix)  # fmt: skip
 
 
-def check_resume(cfg: TrainConfig) -> Path:
-    """The checkpoint folder ``cfg.resume`` means, verified: complete, checksums, compatible settings."""
+def check_resume(cfg: Any, *, fixed: tuple[str, ...] = RESUME_FIXED) -> Path:
+    """The checkpoint folder ``cfg.resume`` means, verified: complete, checksums, compatible settings
+    (``fixed``: those a resume may not change; `sdxl train-vae` passes its own)."""
     folder = resolve_resume(Path(cfg.out), cfg.resume)
     verify_resume_files(folder)
     config = read_json_file(folder / "state.json", fix="resume from another checkpoint").get("config")
-    check_resume_config(config if isinstance(config, dict) else {}, cfg)
+    check_resume_config(config if isinstance(config, dict) else {}, cfg, fixed=fixed)
     return folder
 
 
@@ -144,12 +145,18 @@ def last_good(out: Path) -> str:
 
 def refuse_non_finite(cfg: TrainConfig, parts: Mapping[str, Any]) -> None:
     """Stop (every rank alike: DDP keeps them equal) before a checkpoint of non-finite values is written."""
-    for what, tensors in _checked_parts(cfg, parts).items():
+    refuse_non_finite_tensors(_checked_parts(cfg, parts), step=parts["state"].step, out=Path(cfg.out))
+
+
+def refuse_non_finite_tensors(checked: Mapping[str, Mapping[str, torch.Tensor]], *, step: int, out: Path) -> None:
+    """The check itself, on ``{what: {name: tensor}}`` (what a checkpoint stores that training changed);
+    `sdxl train-vae` passes its decoder, EMA and optimiser state."""
+    for what, tensors in checked.items():
         if all_finite(tensors.values()):
             continue
         first = next(name for name, t in tensors.items() if not all_finite([t]))
         raise UserError(f"non-finite values in the {what} (first: {first}); the checkpoint was not written "
-                        "and 'latest' not moved", where=f"step {parts['state'].step}", fix=last_good(Path(cfg.out)))  # fmt: skip
+                        "and 'latest' not moved", where=f"step {step}", fix=last_good(out))  # fmt: skip
 
 
 # ── skipped updates: their sample ids, and a limit on their share ─────────────────────────────

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from sdxl_trainer import console, dist
@@ -40,6 +39,7 @@ from sdxl_trainer.train.ema import EMA
 from sdxl_trainer.train.integrity import SKIP_LOG, check_resume, check_skipped_fraction, log_skip, refuse_non_finite
 from sdxl_trainer.train.extend import announce_replan
 from sdxl_trainer.train.lr_schedule import LRSchedule
+from sdxl_trainer.train.rng import reseed  # noqa: F401  (loop.reseed: where readers and tests look for it)
 from sdxl_trainer.train.optim import build_optimizer, param_groups
 from sdxl_trainer.train.samples import build_sample_rounds
 from sdxl_trainer.train.sinks import close_sinks, emit, log_line, open_sinks, truncate_log
@@ -130,15 +130,6 @@ def make_step(cfg: TrainConfig, device: torch.device, info: dist.DistInfo, *, te
         offset_noise=lo.offset_noise, input_perturbation=lo.input_perturbation, level_options=levels,
         world_size=info.world_size, rank=info.rank, text=text, fused_backward=cfg.optimizer.fused_backward_pass,
     )  # fmt: skip
-
-
-def reseed(generator: torch.Generator, *, seed: int, rank: int, step: int) -> None:
-    """Every update's randomness is a function of (seed, step) — and the rank for dropout — so a resume
-    draws exactly what the uninterrupted run drew, without saving any generator state."""
-    noise_seed = np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0]
-    generator.manual_seed(int(noise_seed) >> 1)  # the same on every rank: see TrainStep.draw
-    global_seed = np.random.SeedSequence([seed, step, rank, 1]).generate_state(1, dtype=np.uint64)[0]
-    torch.manual_seed(int(global_seed) >> 1)  # dropout (LoRA dropout) draws from the global generators
 
 
 def total_updates(cfg: TrainConfig, *, batches_per_epoch: int, global_batch: int) -> int:

@@ -59,8 +59,10 @@ def param_groups(
     lr: float,
     text_encoder_lr: float | None = None,
     weight_decay: float,
+    name: str = "unet",
 ) -> list[dict[str, Any]]:
     """Groups for :func:`build_optimizer`: ``{unet,text_encoder}/{decay,no_decay}``, empty ones left out.
+    ``name`` names the main model's groups (`sdxl train-vae`: ``decoder``).
 
     Only parameters with ``requires_grad`` are included (LoRA: just the adapters). Text encoders
     are grouped only when they have trainable parameters; they then need ``text_encoder_lr``.
@@ -74,7 +76,7 @@ def param_groups(
                 groups.append({"name": f"{prefix}/{suffix}", "params": params, "lr": group_lr,
                                "base_lr": group_lr, "weight_decay": wd})
 
-    add("unet", unet, lr)
+    add(name, unet, lr)
     trained_te = [te for te in text_encoders if any(p.requires_grad for p in te.parameters())]
     if trained_te and text_encoder_lr is None:
         raise UserError(

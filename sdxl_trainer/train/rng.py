@@ -29,6 +29,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def reseed(generator: torch.Generator, *, seed: int, rank: int, step: int) -> None:
+    """Every update's randomness is a function of (seed, step) — and the rank for dropout — so a resume
+    draws exactly what the uninterrupted run drew, without saving any generator state (`sdxl train`
+    and `sdxl train-vae` alike)."""
+    noise_seed = np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0]
+    generator.manual_seed(int(noise_seed) >> 1)  # the same on every rank: see TrainStep.draw
+    global_seed = np.random.SeedSequence([seed, step, rank, 1]).generate_state(1, dtype=np.uint64)[0]
+    torch.manual_seed(int(global_seed) >> 1)  # dropout (LoRA dropout) draws from the global generators
+
+
 def _python_state() -> dict[str, Any]:
     version, internal, gauss_next = random.getstate()
     return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next}

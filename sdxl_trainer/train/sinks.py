@@ -74,7 +74,8 @@ def _logging_package(name: str, module: str):
 
 
 def open_sinks(cfg: TrainConfig, out: Path, *, main: bool) -> list[tuple[str, Any]]:
-    """TensorBoard and W&B as configured, besides RUN/metrics.jsonl. Every rank checks the packages
+    """TensorBoard and W&B as configured (``cfg.logging``: any config with a LoggingSection, e.g. `sdxl
+    train-vae`'s), besides RUN/metrics.jsonl. Every rank checks the packages
     (so a missing one stops all ranks at once); only the main rank opens the writers."""
     sinks: list[tuple[str, Any]] = []
     if cfg.logging.tensorboard:

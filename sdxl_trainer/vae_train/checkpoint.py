@@ -1,0 +1,91 @@
+"""A `sdxl train-vae` checkpoint, in the trainer's atomic checkpoint folders (train/checkpoint_dir.py).
+
+``RUN/checkpoints/step-NNNNNN/``:
+
+- ``trainable.safetensors`` — the decoder's weights (post_quant_conv + decoder) as trained (fp32);
+- ``state.safetensors`` + ``state.json`` — counters, optimiser, LR schedule, EMA shadows, run config;
+- ``vae/`` — the whole finetuned VAE as a diffusers ``AutoencoderKL`` folder (fp32; the EMA decoder
+  with EMA on and ``checkpoints.export_ema``): its encoder is the base model's, bit for bit.
+
+Every file's SHA-256 is recorded in checkpoint.json and checked before a resume (train/integrity.py),
+which reads the same file names as `sdxl train`'s. Randomness needs no saved state (data.py, rng.reseed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdxl_trainer.errors import UserError
+from sdxl_trainer.train.checkpoint_dir import flatten_state, keep_last, load_state, load_tensors, save_state, save_tensors, write_checkpoint
+from sdxl_trainer.train.integrity import refuse_non_finite_tensors
+
+# Changing these between a checkpoint and its resume changes what the run is; --force accepts it.
+RESUME_FIXED = ("batch_size", "crop", "latent", "loss")
+TRAINED = ("post_quant_conv.", "decoder.")  # the parameter name prefixes the run trains
+
+
+def decoder_state(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in vae.named_parameters() if n.startswith(TRAINED)}
+
+
+@torch.no_grad()
+def load_decoder_state(vae: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = {n: p for n, p in vae.named_parameters() if n.startswith(TRAINED)}
+    if set(tensors) != set(params):
+        raise UserError("the checkpoint's decoder does not fit this VAE", fix="resume with the same --model")
+    for name, value in tensors.items():
+        params[name].copy_(value)
+
+
+def refuse_non_finite(cfg: Any, parts: dict[str, Any]) -> None:
+    """Never a checkpoint (or 'latest') of NaN: the decoder, EMA shadows and optimiser state are checked."""
+    checked = {"trained weights": decoder_state(parts["vae"])}
+    if parts["ema"] is not None:
+        checked["EMA weights"] = flatten_state(parts["ema"].state_dict())[0]
+    checked["optimizer state"] = flatten_state(parts["optimizer"].state_dict())[0]
+    refuse_non_finite_tensors(checked, step=parts["state"].step, out=Path(cfg.out))
+
+
+def save(cfg: Any, parts: dict[str, Any]) -> Path:
+    """One atomic checkpoint folder: the resume state plus the diffusers VAE folder."""
+    vae, ema, state = parts["vae"], parts["ema"], parts["state"]
+
+    def write(folder: Path) -> None:
+        save_tensors(folder / "trainable.safetensors", decoder_state(vae))
+        save_state(folder, "state", {
+            "train": state.state_dict(), "optimizer": parts["optimizer"].state_dict(),
+            "schedule": parts["schedule"].state_dict(), "ema": None if ema is None else ema.state_dict(),
+            "config": cfg.model_dump(mode="json"),
+        })  # fmt: skip
+        with exported_weights(cfg, parts):
+            vae.save_pretrained(folder / "vae", safe_serialization=True)
+
+    folder = write_checkpoint(Path(cfg.out), f"step-{state.step:06d}", write)
+    if cfg.checkpoints.keep_last:
+        keep_last(Path(cfg.out), cfg.checkpoints.keep_last)
+    return folder
+
+
+def exported_weights(cfg: Any, parts: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """The EMA decoder swapped in (and the trained one put back bit for bit after), when it is the export."""
+    if parts["ema"] is not None and cfg.checkpoints.export_ema:
+        return parts["ema"].swapped_into(parts["vae"])
+    return contextlib.nullcontext()
+
+
+def resume(cfg: Any, parts: dict[str, Any], folder: Path) -> None:
+    """Every part's state from ``folder`` (verified by integrity.check_resume before anything was loaded)."""
+    state = load_state(folder, "state")
+    load_decoder_state(parts["vae"], load_tensors(folder / "trainable.safetensors"))
+    parts["optimizer"].load_state_dict(state["optimizer"])
+    parts["schedule"].load_state_dict(state["schedule"], strict=not cfg.force)
+    if (state["ema"] is None) != (parts["ema"] is None):
+        raise UserError("EMA was switched on or off since the checkpoint", where="ema.enabled",
+                        fix="resume with the checkpoint's EMA setting, or start a new run")  # fmt: skip
+    if parts["ema"] is not None:
+        parts["ema"].load_state_dict(state["ema"], strict=not cfg.force)
+    parts["state"].load_state_dict(state["train"])
