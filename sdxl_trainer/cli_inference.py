@@ -28,7 +28,7 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any)
         cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale (1 = off)."),
         cfg_rescale: Optional[float] = typer.Option(None, help="CFG rescale φ (0.7 is Lin et al.'s)."),
         sampler: Optional[str] = typer.Option(None, help="auto | euler | euler_ancestral | dpmpp_2m | flow_euler."),
-        schedule: Optional[str] = typer.Option(None, help="auto | karras | trailing | uniform."),
+        schedule: Optional[str] = typer.Option(None, help="auto | karras | trailing | uniform | beta."),
         width: Optional[int] = typer.Option(None, help="Image width (unset: the model's base resolution)."),
         height: Optional[int] = typer.Option(None, help="Image height."),
         seed: Optional[int] = typer.Option(None, help="First seed; image i uses seed + i."),

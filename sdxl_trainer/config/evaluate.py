@@ -20,7 +20,9 @@ class SamplingSection(Section):
     cfg_scale: float = Field(5.0, ge=0, description="classifier-free guidance scale (NovelAI V3: 3.5–5; 1 = off)")
     cfg_rescale: float = Field(0.0, ge=0, le=1, description="CFG rescale φ (Lin et al.: 0.7)")
     sampler: Sampler = Field("auto", description="auto = dpmpp_2m (eps/v), flow_euler (flow)")
-    schedule: Literal["auto", "karras", "trailing", "uniform"] = Field("auto", description="auto = karras")
+    schedule: Literal["auto", "karras", "trailing", "uniform", "beta"] = Field(
+        "auto", description="auto = karras (flow: its shifted times); beta = Beta(0.6, 0.6) quantiles, as ComfyUI"
+    )
     negative: str = Field("", description="negative prompt (the encoded empty prompt by default, as in training)")
     lora: Path | None = Field(None, description="a LoRA file (diffusers/PEFT or kohya) merged into the UNet")
     lora_scale: float = Field(1.0, description="LoRA strength")

@@ -13,6 +13,7 @@ schedules
     with_terminal_sigma, zero_snr_sigmas, NOVELAI_SIGMA_MAX    — NovelAI's finite high-σ terminal (20000)
     check_sigma_table, sigma_to_t, t_to_sigma                  — σ ↔ UNet timestep (log-linear, clamped)
     karras_sigmas, trailing_timesteps, trailing_sigmas, uniform_sigmas — sampling schedules
+    beta_sigmas, beta_flow_times, beta_ppf — the "beta" schedule (ComfyUI's; beta_schedule.py)
     flow_shift, flow_times, flow_sigma, flow_log_snr           — rectified-flow time shift, schedule, σ view
     schedule_curves -> [ScheduleCurve]                         — σ(u), log-SNR(u) for the schedule plots
     sigma_max_for_resolution, mean_signal_fraction             — high-resolution coherence
@@ -57,6 +58,7 @@ Sampling::
                         extra_args={"cond": {...}, "uncond": {...}}, callback=cb)
 """
 
+from .beta_schedule import beta_flow_times, beta_ppf, beta_sigmas
 from .guidance import GUIDANCE_SPACES, cfg, cfg_rescaled, guided_denoiser, rescale_cfg
 from .objectives import (
     FLOW_TIMESTEP_SCALE,
@@ -143,6 +145,9 @@ from .weights import (
 )
 
 __all__ = [
+    "beta_flow_times",
+    "beta_ppf",
+    "beta_sigmas",
     "FLOW_TIMESTEP_SCALE",
     "GUIDANCE_SPACES",
     "LevelInfo",

@@ -16,6 +16,8 @@ import torch
 
 from sdxl_trainer import __version__, console
 from sdxl_trainer.diffusion import (
+    beta_flow_times,
+    beta_sigmas,
     flow_times,
     get_sampler,
     guided_denoiser,
@@ -28,7 +30,7 @@ from sdxl_trainer.errors import UserError
 from sdxl_trainer.sampling.generator import Generator, decode_latents, encode_text, unet_kwargs
 
 SAMPLER_CHOICES = ("auto", "euler", "euler_ancestral", "dpmpp_2m", "flow_euler")
-SCHEDULE_CHOICES = ("auto", "karras", "trailing", "uniform")
+SCHEDULE_CHOICES = ("auto", "karras", "trailing", "uniform", "beta")
 FLOW_SAMPLERS = ("flow_euler", "euler")  # Euler's step is the same interpolation in t as in σ
 
 
@@ -70,12 +72,14 @@ def sampling_sigmas(
         raise UserError(f"steps must be at least 1, got {steps}")
     obj = generator.objective
     if obj.prediction == "flow":
-        if schedule not in ("auto",):
+        if schedule not in ("auto", "beta"):
             raise UserError(f"schedule {schedule} is for σ-space models; a flow model uses its shifted times",
-                            fix="leave --schedule at auto; change --flow-shift instead")  # fmt: skip
+                            fix="use --schedule auto or beta; change --flow-shift to move the steps")  # fmt: skip
         if sigma_max is not None:
             raise UserError("sigma_max does not apply to a flow model (it starts at t = 1)", fix="use --flow-shift")
         shift = flow_shift if flow_shift is not None else generator.flow_shift
+        if schedule == "beta":
+            return beta_flow_times(steps, shift=float(shift))
         return flow_times(steps, shift=float(shift))
     if flow_shift is not None:
         raise UserError("flow_shift applies to flow models only", fix=f"this model is {generator.info['objective']}")
@@ -92,6 +96,8 @@ def sampling_sigmas(
         return trailing_sigmas(steps, sigmas=obj.sigmas.cpu())
     if schedule == "uniform":
         return uniform_sigmas(steps, sigmas=obj.sigmas.cpu())
+    if schedule == "beta":
+        return beta_sigmas(steps, sigmas=obj.sigmas.cpu())
     raise UserError(f"unknown schedule {schedule!r}", fix=f"use one of {', '.join(SCHEDULE_CHOICES)}")
 
 
