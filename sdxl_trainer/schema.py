@@ -12,6 +12,7 @@ Writes are atomic: a temporary file in the same folder, fsync, then ``os.replace
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import tempfile
@@ -88,9 +89,57 @@ def artifact_meta(artifact: str, config: Any) -> dict[str, Any]:
     }
 
 
+@functools.cache
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (os.umask sets it too, and
+    threads may be creating files meanwhile); elsewhere set and restored once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """``tempfile.mkstemp`` beside ``path``, but with a normal file's permissions (0666 less the umask,
+    usually 0644) instead of mkstemp's owner-only 0600: what we write is renamed into place, and a
+    ComfyUI or a teammate running as another user must be able to read it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
+def temp_dir(path: Path, suffix: str = ".tmp") -> Path:
+    """``tempfile.mkdtemp`` beside ``path`` with a normal folder's permissions (0777 less the umask)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
+def normal_permissions(path: Path | str) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) a normal file's / folder's permissions,
+    0666 / 0777 less the umask. safetensors ≥ 0.8 writes its files owner-only (0600) and mkstemp /
+    mkdtemp do the same; an export must be readable by a ComfyUI running as another user."""
+    path = Path(path)
+    mask = _umask()
+    if not path.is_dir():
+        path.chmod(0o666 & ~mask)
+        return
+    path.chmod(0o777 & ~mask)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            Path(root, name).chmod(0o777 & ~mask)
+        for name in files:
+            Path(root, name).chmod(0o666 & ~mask)
+
+
 def _atomic_target(path: Path) -> tuple[int, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return temp_file(path)
 
 
 def _replace(tmp: str, path: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from sdxl_trainer.cache_format.layout import (
 )
 from sdxl_trainer.cache_format.resume import check_config
 from sdxl_trainer.errors import UserError
-from sdxl_trainer.schema import SCHEMA_VERSION, read_json, write_json
+from sdxl_trainer.schema import SCHEMA_VERSION, normal_permissions, read_json, temp_file, write_json
 
 # Footer column paths → the parts a user weighs when the disk is the question.
 _PARTS = {
@@ -76,10 +75,11 @@ def _save_uncond(uncond: Mapping[str, Any], dims: CacheDims, path: Path) -> None
         raise ValueError(f"uncond shapes {tuple(hidden.shape)}, {tuple(pooled.shape)} do not match {dims}")
     if not (torch.isfinite(hidden).all() and torch.isfinite(pooled).all()):
         raise UserError("the empty prompt's embedding is not finite in float16", where=str(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path)
     os.close(fd)
     try:
         save_file({"text_hidden": hidden, "text_pooled": pooled}, tmp, metadata={"schema_version": str(SCHEMA_VERSION)})
+        normal_permissions(tmp)  # safetensors writes owner-only files
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

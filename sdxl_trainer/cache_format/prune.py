@@ -12,7 +12,6 @@ stays. A kill leaves every shard old or new, never half, and the next run prunes
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sdxl_trainer.schema import temp_file
 from sdxl_trainer.cache_format import checksum
 from sdxl_trainer.cache_format.layout import (
     META_NAME,
@@ -45,7 +45,7 @@ def _fsync_dir(folder: Path) -> None:
 
 def _rewrite(path: Path, pf: pq.ParquetFile, keep: np.ndarray) -> None:
     """Write the kept rows of ``path`` row group by row group to a temp file, then replace ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    fd, tmp = temp_file(path, TMP_SUFFIX)
     starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
     try:
         with os.fdopen(fd, "wb") as f:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from sdxl_trainer.cache_format.layout import (
     to_fp16_array,
 )
 from sdxl_trainer.errors import UserError
-from sdxl_trainer.schema import META_KEY, artifact_meta
+from sdxl_trainer.schema import META_KEY, artifact_meta, temp_file
 
 MiB = 1 << 20
 _INT_COLUMNS = (
@@ -146,7 +145,7 @@ def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
 
 def write_shard_atomic(table: pa.Table, path: Path, *, row_group_size: int) -> None:
     """Write a shard so that it is either absent or complete under ``path``: temp, fsync, replace."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    fd, tmp = temp_file(path, TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             pq.write_table(table, f, row_group_size=row_group_size, **parquet_options(table.schema))

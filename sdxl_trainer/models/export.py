@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 
 from sdxl_trainer.models import export_ldm
 from sdxl_trainer.models.loading import DType, quiet_hf, read_part_config, resolve_dtype
-from sdxl_trainer.schema import read_json, write_json
+from sdxl_trainer.schema import normal_permissions, read_json, temp_dir, temp_file, write_json
 
 OBJECTIVES = ("eps", "v", "v_ztsnr", "flow")
 EXPORT_INFO = "sdxl_trainer.json"
@@ -211,7 +210,7 @@ def save_diffusers_pipeline(
             tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
         )  # fmt: skip
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = temp_dir(out_dir)
     try:
         with quiet_hf():
             pipe.save_pretrained(tmp, safe_serialization=True)
@@ -219,6 +218,7 @@ def save_diffusers_pipeline(
         vae_config = json.loads(vae_config_path.read_text(encoding="utf-8"))
         vae_config.update(_vae_config_update(norm))
         vae_config_path.write_text(json.dumps(vae_config, indent=2) + "\n", encoding="utf-8")
+        normal_permissions(tmp)  # safetensors writes its files owner-only
         for name in ("tokenizer", "tokenizer_2"):
             _write_slow_tokenizer_files(tmp / name)
         info = export_info(objective=objective, flow_shift=flow_shift, sigma_max=sigma_max, normalization=norm)
@@ -317,10 +317,11 @@ def save_single_file(
     if objective == "v_ztsnr":
         tensors["ztsnr"] = torch.empty(0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=header)
+        normal_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from sdxl_trainer.schema import normal_permissions, temp_file
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.models.export import unwrap_model
 from sdxl_trainer.models.export_ldm import map_keys, unet_module_table
@@ -135,10 +135,11 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     if path.exists():
         raise FileExistsError(f"{path} already exists; pick a new path (checkpoints are never overwritten)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        normal_permissions(tmp)  # safetensors writes owner-only files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -177,6 +178,7 @@ def save_lora_diffusers(out_dir: Path | str, unet, *, dtype: DType | None = None
             weight_name=tmp_name,
             safe_serialization=True,
         )
+    normal_permissions(out_dir / tmp_name)  # safetensors writes owner-only files
     os.replace(out_dir / tmp_name, target)
     return target
 

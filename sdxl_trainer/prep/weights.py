@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from sdxl_trainer import console
 from sdxl_trainer.config import WeightsConfig
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.caption_variants import tag_key
-from sdxl_trainer.schema import TAG_STATS_SCHEMA, TAG_WEIGHTS_SCHEMA, read_table, write_table
+from sdxl_trainer.schema import TAG_STATS_SCHEMA, TAG_WEIGHTS_SCHEMA, read_table, temp_file, write_table
 
 MANIFEST = "manifest.parquet"
 WEIGHTS_FILE = "tag_weights.parquet"
@@ -206,7 +205,7 @@ def plot(weight: np.ndarray, stats: pa.Table, path: Path, cfg: WeightsConfig) ->
         axis.set_major_formatter(plain)
         axis.set_minor_formatter(plain if axis is not bx.xaxis else NullFormatter())
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path)
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=100)

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from sdxl_trainer import __version__
 from sdxl_trainer.errors import UserError
-from sdxl_trainer.schema import load_safetensors, read_json_file
+from sdxl_trainer.schema import load_safetensors, normal_permissions, read_json_file
 from sdxl_trainer.train.checksums import ALGORITHM, digests
 
 CHECKPOINTS = "checkpoints"
@@ -144,6 +144,7 @@ def write_checkpoint(run_dir: Path, name: str, writer_fn: Callable[[Path], None]
     tmp.mkdir()
     try:
         writer_fn(tmp)
+        normal_permissions(tmp)  # safetensors writes 0600: a ComfyUI running as another user must read it
         serials = [int((_read_marker(p) or {}).get("serial", 0)) for p in list_checkpoints(run_dir)]
         _write_marker(tmp, name, serial=max(serials, default=0) + 1)
         _fsync_tree(tmp)
