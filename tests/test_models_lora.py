@@ -88,6 +88,11 @@ def test_formats_load_into_the_pipeline_as_the_merged_weights(trained, tiny_mode
     base, unet = trained
     if fmt == "diffusers":
         source = save_lora_diffusers(tmp_path / "lora", unet).parent
+        with safe_open(str(source / "pytorch_lora_weights.safetensors"), "pt") as f:
+            keys = list(f.keys())
+        # peft's current names, under diffusers' unet. prefix; not the legacy lora.down / lora.up
+        assert len(keys) == 96 and all(k.startswith("unet.") and (k.endswith(".lora_A.weight") or
+                                       k.endswith(".lora_B.weight")) for k in keys), keys[:4]  # fmt: skip
     else:  # kohya_alpha_rank re-expresses the same ΔW with alpha = rank (up weights rescaled)
         source = save_lora_kohya(tmp_path / "lora.safetensors", unet, alpha=RANK if fmt == "kohya_alpha_rank" else None)
     reference, plain = _forward(_hand_merged(base, unet)), _forward(base)

@@ -153,11 +153,12 @@ def save_lora_diffusers(out_dir: Path | str, unet, *, dtype: DType | None = None
     in the header (diffusers' ``lora_adapter_metadata``): without it a loader would assume alpha = rank.
     """
     from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     unet = unwrap_model(unet)
     config = _peft_config(unet)
-    layers = convert_state_dict_to_diffusers(lora_state_dict(unet))
+    # peft's key names (lora_A / lora_B), as diffusers' loaders and its current training scripts write
+    # them; convert_state_dict_to_diffusers would turn them into the legacy lora.down / lora.up
+    layers = lora_state_dict(unet)
     if dtype is not None:
         layers = {k: v.to(resolve_dtype(dtype)) for k, v in layers.items()}
     out_dir = Path(out_dir)
