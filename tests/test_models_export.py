@@ -162,3 +162,21 @@ def test_refuses_bad_arguments_and_existing_output(parts, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary folder left behind
     with pytest.raises(UserError, match="model_export not found"):
         read_export_info(tmp_path)
+
+
+def test_text_encoders_in_the_sdxl_base_key_layout(parts, tmp_path):
+    """Both text encoders are stored under the key names of the SDXL base repository (text_model.…):
+    transformers 5 saves CLIP-L without the prefix, which transformers 4 would load as random weights."""
+    from safetensors import safe_open
+
+    folder = _save(parts, tmp_path / "p", objective="eps")
+    for name, model in (("text_encoder", parts.text_encoder), ("text_encoder_2", parts.text_encoder_2)):
+        with safe_open(str(folder / name / "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+        assert all(k.startswith("text_model.") or k == "text_projection.weight" for k in keys), name
+        # transformers 4's CLIPTextModel / …WithProjection state-dict names: text_model.<module>, text_projection
+        bare = {k.removeprefix("text_model.") for k in model.state_dict() if "position_ids" not in k}
+        assert {k.removeprefix("text_model.") for k in keys} == bare, name
+    pipe = _load(folder)  # and transformers 5 reads the layout back, bit for bit (test above)
+    a, b = parts.text_encoder.state_dict(), pipe.text_encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

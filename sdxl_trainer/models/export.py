@@ -218,6 +218,7 @@ def save_diffusers_pipeline(
         vae_config = json.loads(vae_config_path.read_text(encoding="utf-8"))
         vae_config.update(_vae_config_update(norm))
         vae_config_path.write_text(json.dumps(vae_config, indent=2) + "\n", encoding="utf-8")
+        standard_clip_layout(tmp / "text_encoder")
         normal_permissions(tmp)  # safetensors writes its files owner-only
         for name in ("tokenizer", "tokenizer_2"):
             _write_slow_tokenizer_files(tmp / name)
@@ -230,6 +231,30 @@ def save_diffusers_pipeline(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+CLIP_PREFIX = "text_model."
+
+
+def standard_clip_layout(folder: Path) -> None:
+    """Store the CLIP-L text encoder under the key names of the SDXL base repository (``text_model.…``).
+
+    transformers 5 saves ``CLIPTextModel`` without the ``text_model.`` prefix; transformers 4 (and tools
+    built on it) then find none of its keys and load random weights with a mere warning. Both versions
+    load the prefixed layout, so the file is rewritten in it (tensors unchanged, header kept).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        return
+    with safe_open(str(path), "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata() or {}
+        if all(k.startswith(CLIP_PREFIX) or k.startswith("text_projection") for k in keys):
+            return
+        tensors = {(k if k.startswith(CLIP_PREFIX) else CLIP_PREFIX + k): f.get_tensor(k) for k in keys}
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def export_info(*, objective: str, flow_shift: float, sigma_max: float | None, normalization: dict) -> dict:
