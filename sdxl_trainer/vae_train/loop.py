@@ -28,6 +28,7 @@ from sdxl_trainer import console, dist
 from sdxl_trainer.config import VaeTrainConfig, dump_config
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.models.loading import load_vae, part_dir
+from sdxl_trainer.models.vae_objective import clipped_step
 from sdxl_trainer.train.checkpoint_dir import prepare_checkpoints, read_latest
 from sdxl_trainer.train.ema import EMA
 from sdxl_trainer.train.integrity import check_resume
@@ -79,14 +80,7 @@ def update(vae: torch.nn.Module, crops: torch.Tensor, *, loss_fn, parts: dict[st
         term, logged = adversary.generator_term(decoded, loss, vae.decoder.conv_out.weight)
         logged["pixel_loss"] = float(loss.detach())
         loss = loss + term
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    max_norm = cfg.optimizer.max_grad_norm or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    skipped = not bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
-    if not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm, skipped = clipped_step(optimizer, loss, params, cfg.optimizer.max_grad_norm)
     state.record(samples=crops.shape[0], skipped=skipped)
     if not skipped and parts["ema"] is not None:
         parts["ema"].update(vae, step=state.updates)
