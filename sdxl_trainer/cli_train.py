@@ -49,6 +49,12 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any,
                                                       help="One command: shortest bucket side."),
         max_bucket_reso: Optional[int] = typer.Option(None, "--max-bucket-reso", "--max_bucket_reso",
                                                       help="One command: longest bucket side."),
+        finetune_vae: bool = typer.Option(False, "--finetune-vae", "--finetune_vae",
+            help="One command: finetune the VAE decoder into RUN/vae/ after the scan (sdxl train-vae; docs/vae.md)."),
+        vae_learning_rate: Optional[float] = typer.Option(None, "--vae-learning-rate", "--vae_learning_rate",
+                                                          help="With --finetune-vae: the decoder's peak rate (1e-5)."),
+        vae_steps: Optional[int] = typer.Option(None, "--vae-steps", "--vae_steps",
+                                                help="With --finetune-vae: its length in updates (1000)."),
         objective: Optional[str] = typer.Option(None, help="auto (the base model's) | eps | v | v_ztsnr | flow."),
         sigma_max: Optional[float] = typer.Option(None, help="Terminal σ (unset: 20000 for v_ztsnr, SDXL's 14.6 for eps/v)."),
         flow_shift: Optional[float] = typer.Option(None, help="Flow: logit-normal shift."),
@@ -160,6 +166,12 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any,
         elif any(v is not None for v in (resolution, min_bucket_reso, max_bucket_reso)):
             raise UserError("--resolution and --min/max-bucket-reso set how `prep scan` buckets the images",
                             fix="use them with --data-dir (one command), or give them to `sdxl prep scan`")  # fmt: skip
+        elif finetune_vae:
+            raise UserError("--finetune-vae is a stage of the one-command path", where="--finetune-vae",
+                            fix="use it with --data-dir, or run `sdxl train-vae WORK --model MODEL --out RUN`")  # fmt: skip
+        if not finetune_vae and (vae_learning_rate is not None or vae_steps is not None):
+            raise UserError("--vae-learning-rate and --vae-steps set the VAE finetune", where="--vae-*",
+                            fix="add --finetune-vae (with --data-dir)")  # fmt: skip
         cfg = load(TrainConfig, config, overrides, parse_sets(set_))
         if one_command:
             from sdxl_trainer import pipeline
@@ -167,7 +179,9 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any,
             src = pipeline.DataSource(data_dir=data_dir, hf_dataset=hf_dataset, prep_config=prep_config,
                                       dataset_config=dataset_config,
                                       resolution=resolution, min_bucket_reso=min_bucket_reso,
-                                      max_bucket_reso=max_bucket_reso, force_unlock=force_unlock)  # fmt: skip
+                                      max_bucket_reso=max_bucket_reso, force_unlock=force_unlock,
+                                      finetune_vae=finetune_vae, vae_learning_rate=vae_learning_rate,
+                                      vae_steps=vae_steps)  # fmt: skip
             summary = pipeline.run(src, cfg)
             summary.pop("stages", None)
         else:

@@ -1,8 +1,8 @@
 """`sdxl train --data-dir DATA --model MODEL --out RUN`: every stage in one command (docs/one-command.md).
 
-scan → stats (with per-channel latent normalisation) → cache → weights (with tag weights) → train,
-into ``RUN/work`` (or ``--work``). Run again after an interruption, the same command picks up where
-it stopped:
+scan → [train-vae, with ``--finetune-vae``] → stats (with per-channel latent normalisation) → cache →
+weights (with tag weights) → train, into ``RUN/work`` (or ``--work``). Run again after an
+interruption, the same command picks up where it stopped:
 
 - **scan** always runs: it is incremental (files unchanged since the manifest are not re-read), so
   images added or removed since the last run are seen;
@@ -10,6 +10,9 @@ it stopped:
   ``WORK/pipeline.json`` records, for it, the digest of what it was made from — the manifest rows it
   reads, its config and the model parts it used — equal to today's. Otherwise the stage runs, and
   ``prep cache`` itself resumes a stopped encoding and re-encodes only rows that changed;
+- **train-vae** (``--finetune-vae``: the VAE decoder, into ``RUN/vae/``, vae_train/) resumes from
+  ``RUN/vae/checkpoints/latest`` and is skipped when that checkpoint reached its length. The encoder
+  is frozen, so the cache and the UNet's training are the same with it or without;
 - **train** resumes from ``RUN/checkpoints/latest`` when there is one (``--resume`` unset); a run
   that already reached its length says so and trains nothing.
 
@@ -31,13 +34,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sdxl_trainer import console, disk, locks
-from sdxl_trainer.config import CacheConfig, ScanConfig, StatsConfig, TrainConfig, WeightsConfig
+from sdxl_trainer.config import CacheConfig, ScanConfig, StatsConfig, TrainConfig, VaeTrainConfig, WeightsConfig
 from sdxl_trainer.config import load_section, read_config_file
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.schema import read_json, read_table, write_json
 
 STATE = "pipeline.json"
-SECTIONS = {"scan": ScanConfig, "stats": StatsConfig, "cache": CacheConfig, "weights": WeightsConfig}
+SECTIONS = {"scan": ScanConfig, "stats": StatsConfig, "cache": CacheConfig, "weights": WeightsConfig,
+            "vae": VaeTrainConfig}  # vae: `sdxl train-vae`'s keys, used with --finetune-vae
+VAE_RUN = "vae"  # RUN/vae/: the --finetune-vae run folder
 # the manifest columns each stage's output depends on (a change elsewhere does not make it stale)
 READS = {
     "stats": ("id", "path", "source", "bucket_width", "bucket_height"),
@@ -60,6 +65,9 @@ class DataSource:
     min_bucket_reso: int | None = None
     max_bucket_reso: int | None = None
     force_unlock: bool = False
+    finetune_vae: bool = False  # train-vae into RUN/vae/ after the scan
+    vae_learning_rate: float | None = None
+    vae_steps: int | None = None
 
 
 def _section(file: Path | None, data: dict[str, Any], name: str, fixed: dict[str, Any], extra: dict[str, Any]):
@@ -94,12 +102,28 @@ def stage_configs(src: DataSource, cfg: TrainConfig) -> dict[str, Any]:
             not any(scan.get(k) for k in ("data_dir", "hf_dataset", "datasets")):  # fmt: skip
         raise UserError("no images given", fix="give --data-dir DATA (or --hf-dataset, --dataset-config, or "
                         "scan.datasets in --prep-config)")  # fmt: skip
+    if data.get("vae") and not src.finetune_vae:
+        console.info(f"[yellow]warning: {src.prep_config} has a vae: section; it is used with --finetune-vae only[/]")
     return {
+        "vae": _vae_config(src, data, cfg) if src.finetune_vae else None,
         "scan": _section(src.prep_config, data, "scan", {"out": work, "model": model}, scan_extra),
         "stats": _section(src.prep_config, data, "stats", {"work": work, "model": model}, {}),
         "cache": _section(src.prep_config, data, "cache", {"work": work, "model": model}, {}),
         "weights": _section(src.prep_config, data, "weights", {"work": work}, {}),
     }
+
+
+def _vae_config(src: DataSource, data: dict[str, Any], cfg: TrainConfig) -> VaeTrainConfig:
+    """`train-vae`'s config for --finetune-vae: the vae: section of --prep-config, the --vae-* flags, and
+    from the train config what the file leaves unset (device, seed, precision, logging)."""
+    section = dict(data.get("vae") or {})
+    inherited = {"device": cfg.device, "seed": cfg.seed, "logging": cfg.logging.model_dump(mode="json"),
+                 "precision": cfg.precision if cfg.precision in ("bf16", "fp32") else "auto"}  # fp16: not for the VAE
+    for key, value in inherited.items():
+        section.setdefault(key, value)
+    fixed = {"work": Path(cfg.work), "model": Path(cfg.model), "out": Path(cfg.out) / VAE_RUN}
+    flags = {"optimizer.learning_rate": src.vae_learning_rate, "num_steps": src.vae_steps}
+    return _section(src.prep_config, {**data, "vae": section}, "vae", fixed, flags)
 
 
 def manifest_digest(work: Path, columns: tuple[str, ...]) -> str:
@@ -189,6 +213,26 @@ def _prep_stage(name: str, stage_cfg: Any, work: Path, number: str, force_unlock
     return "ran"
 
 
+def _vae_stage(vae_cfg: VaeTrainConfig, number: str, force_unlock: bool) -> tuple[str, Path]:
+    """--finetune-vae: `train-vae` into RUN/vae/, resumed from its latest checkpoint, skipped when that one
+    reached the run's length; returns what happened and the finetuned VAE folder (diffusers)."""
+    from sdxl_trainer.train.checkpoint_dir import read_latest
+    from sdxl_trainer.vae_train import loop as vae_loop
+
+    out = Path(vae_cfg.out)
+    latest = read_latest(out)
+    if latest is not None and int(latest.removeprefix("step-")) >= vae_cfg.num_steps:
+        console.info(f"── {number} train-vae: finished, skipped ({out / 'checkpoints' / latest / 'vae'})")
+        return "finished", out / "checkpoints" / latest / "vae"
+    if latest is not None and vae_cfg.resume is None:
+        console.info(f"{out} has checkpoint {latest}: resuming from it")
+        vae_cfg = vae_cfg.model_copy(update={"resume": "latest"})
+    console.info(f"── {number} train-vae → {out}")
+    with _held(out, "train-vae", force_unlock):
+        summary = vae_loop.run(vae_cfg)
+    return "ran", Path(summary["checkpoint"]) / "vae"
+
+
 def run(src: DataSource, cfg: TrainConfig) -> dict[str, Any]:
     """Every stage for one folder (or dataset config) and one run; returns train's summary and the stages'."""
     from sdxl_trainer.prep import scan
@@ -203,13 +247,18 @@ def run(src: DataSource, cfg: TrainConfig) -> dict[str, Any]:
     work = Path(cfg.work)
     wanted = ["stats"] if cfg.latents.normalization == "per_channel" else []
     wanted += ["cache"] + (["weights"] if cfg.loss.tag_weights else [])
-    total = 2 + len(wanted)
+    first = 3 if configs["vae"] is not None else 2  # the number of the first stage after scan (and train-vae)
+    total = first + len(wanted)
     done: dict[str, str] = {}
     console.info(f"── 1/{total} prep scan → {work / 'manifest.parquet'}")
     with _held(work, "prep scan", src.force_unlock):
         scan.run(configs["scan"])
     done["scan"] = "ran"
-    for i, name in enumerate(wanted, start=2):
+    extra: dict[str, Any] = {}
+    if configs["vae"] is not None:
+        done["train-vae"], vae_folder = _vae_stage(configs["vae"], f"2/{total}", src.force_unlock)
+        extra["finetuned_vae"] = str(vae_folder)
+    for i, name in enumerate(wanted, start=first):
         done[name] = _prep_stage(name, configs[name], work, f"{i}/{total}", src.force_unlock)
     latest = read_latest(Path(cfg.out))
     if cfg.resume is None and latest is not None:
@@ -221,4 +270,6 @@ def run(src: DataSource, cfg: TrainConfig) -> dict[str, Any]:
     if latest is not None and summary.get("checkpoint") is None:
         console.info(f"the run in {cfg.out} had already reached its length ({summary['steps']} updates): nothing "
                      "trained; raise --num-steps / --num-epochs to extend it")  # fmt: skip
-    return {**summary, "stages": done}
+    if "finetuned_vae" in extra:
+        console.info(f"finetuned VAE (decoder; pairs with this run's UNet): {extra['finetuned_vae']}")
+    return {**summary, **extra, "stages": done}

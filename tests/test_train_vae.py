@@ -141,11 +141,17 @@ loop.run(load_config(VaeTrainConfig, None, json.loads(sys.argv[1])))
 """
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, vae_work, tmp_path):
+# with the discriminator on (vae_train/discriminator.py) from update 4: killed after it has trained,
+# its weights and Adam state (in state.safetensors) must come back exact too
+GAN = {"loss.gan_weight": 0.5, "loss.gan_start_step": 3, "discriminator.channels": 16}
+
+
+@pytest.mark.parametrize(("extra", "kill_after"), [({}, 4), (GAN, 6)], ids=["pixel-loss", "gan"])
+def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, vae_work, tmp_path, extra, kill_after):
     n = 12
     settings = {"model": str(tiny_model_dir), "work": str(vae_work), **BASE, "latent": "sample", "num_steps": n,
                 "checkpoints.every_steps": 1, "checkpoints.keep_last": 2, "ema.enabled": True, "ema.decay": 0.9,
-                "schedule.kind": "cosine", "schedule.warmup_samples": 16, "eval.every_steps": 5}  # fmt: skip
+                "schedule.kind": "cosine", "schedule.warmup_samples": 16, "eval.every_steps": 5, **extra}  # fmt: skip
     script = tmp_path / "runner.py"
     script.write_text(RUNNER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -154,7 +160,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, vae_work, tmp
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     latest, deadline = killed / "checkpoints" / "latest", time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if latest.is_file() and latest.read_text().strip() >= "step-000004":
+        if latest.is_file() and latest.read_text().strip() >= f"step-{kill_after:06d}":
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
@@ -162,13 +168,15 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, vae_work, tmp
     at_kill = latest.read_text().strip()
     assert proc.returncode == -signal.SIGKILL and at_kill < f"step-{n:06d}", "the run finished before the kill"
 
-    for extra in ({"out": str(killed), "resume": "latest"}, {"out": str(tmp_path / "straight")}):
-        subprocess.run([sys.executable, str(script), json.dumps({**settings, **extra})], check=True, timeout=300,
+    for where in ({"out": str(killed), "resume": "latest"}, {"out": str(tmp_path / "straight")}):
+        subprocess.run([sys.executable, str(script), json.dumps({**settings, **where})], check=True, timeout=300,
                        env=env, stdout=subprocess.DEVNULL)  # fmt: skip
     final = [d / "checkpoints" / f"step-{n:06d}" for d in (tmp_path / "straight", killed)]
     for name in ("trainable.safetensors", "state.safetensors", "vae/diffusion_pytorch_model.safetensors"):
         a, b = load_file(final[0] / name), load_file(final[1] / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    saved_d = [k for k in load_file(final[1] / "state.safetensors") if k.startswith("discriminator.")]
+    assert bool(saved_d) == bool(extra)  # the discriminator's weights and Adam moments, with gan on
     # each step logged once, and the held-out rows the same as the uninterrupted run's
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == n

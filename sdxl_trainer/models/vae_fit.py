@@ -17,6 +17,10 @@ Why the knobs are what they are (measured on the synthetic renders, see docs/mod
 - Small crops (32 px, 4×4 latents) are four times cheaper than 64 px ones per sample and learn
   faster; the network is fully convolutional and decodes whole 128 px images afterwards.
 
+The crop offset, the pixel loss (L1 + MSE) and the clipped optimiser step are vae_objective.py's,
+shared with `sdxl train-vae` (vae_train/); the pool, the schedule, the KL term and the start-up
+tweaks below are the fit's own.
+
 Deterministic by ``seed`` for a given ``num_threads``: crops and posterior noise come from one
 ``torch.Generator``, the global RNG is not used, and the thread count is pinned during the fit
 (oneDNN's reductions depend on it), so the same seed on the same machine gives bitwise-identical
@@ -34,6 +38,7 @@ import torch
 from PIL import Image
 
 from sdxl_trainer.errors import UserError
+from sdxl_trainer.models.vae_objective import clipped_step, crop_offset, reconstruction_loss
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,8 @@ def _random_crops(pool: Sequence[torch.Tensor], *, n: int, crop: int, generator:
     out = []
     for i in picks:
         img = pool[i]
-        top = int(torch.randint(img.shape[1] - crop + 1, (1,), generator=generator))
-        left = int(torch.randint(img.shape[2] - crop + 1, (1,), generator=generator))
+        top, left = crop_offset(img.shape[1], img.shape[2], crop,
+                                lambda n: int(torch.randint(n, (1,), generator=generator)))  # fmt: skip
         out.append(img[:, top : top + crop, left : left + crop])
     return torch.stack(out)
 
@@ -163,13 +168,9 @@ def fit_vae(
                 group["lr"] = settings.lr * _lr_factor(step, steps=settings.steps, warmup=settings.warmup)
             x = _random_crops(usable, n=settings.batch_size, crop=settings.crop, generator=generator)
             posterior = vae.encode(x).latent_dist
-            err = vae.decode(posterior.sample(generator)).sample - x
-            loss = err.abs().mean() + settings.mse_weight * err.square().mean()
+            loss = reconstruction_loss(vae.decode(posterior.sample(generator)).sample, x, mse_weight=settings.mse_weight)
             loss = loss + settings.kl_weight * posterior.kl().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            opt.step()
+            clipped_step(opt, loss, params, settings.max_grad_norm)  # a non-finite loss or gradient: no step
             losses.append(float(loss.detach()))
             if on_step is not None:
                 on_step(step, losses[-1])

@@ -3,7 +3,8 @@
 ``RUN/checkpoints/step-NNNNNN/``:
 
 - ``trainable.safetensors`` — the decoder's weights (post_quant_conv + decoder) as trained (fp32);
-- ``state.safetensors`` + ``state.json`` — counters, optimiser, LR schedule, EMA shadows, run config;
+- ``state.safetensors`` + ``state.json`` — counters, optimiser, LR schedule, EMA shadows, run config,
+  and with ``loss.gan_weight`` > 0 the discriminator's weights and Adam state;
 - ``vae/`` — the whole finetuned VAE as a diffusers ``AutoencoderKL`` folder (fp32; the EMA decoder
   with EMA on and ``checkpoints.export_ema``): its encoder is the base model's, bit for bit.
 
@@ -19,12 +20,13 @@ from typing import Any
 
 import torch
 
+from sdxl_trainer import console
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.train.checkpoint_dir import flatten_state, keep_last, load_state, load_tensors, save_state, save_tensors, write_checkpoint
 from sdxl_trainer.train.integrity import refuse_non_finite_tensors
 
 # Changing these between a checkpoint and its resume changes what the run is; --force accepts it.
-RESUME_FIXED = ("batch_size", "crop", "latent", "loss")
+RESUME_FIXED = ("batch_size", "crop", "latent", "loss", "discriminator")
 TRAINED = ("post_quant_conv.", "decoder.")  # the parameter name prefixes the run trains
 
 
@@ -47,6 +49,8 @@ def refuse_non_finite(cfg: Any, parts: dict[str, Any]) -> None:
     if parts["ema"] is not None:
         checked["EMA weights"] = flatten_state(parts["ema"].state_dict())[0]
     checked["optimizer state"] = flatten_state(parts["optimizer"].state_dict())[0]
+    if parts.get("adversary") is not None:
+        checked.update(parts["adversary"].checked())
     refuse_non_finite_tensors(checked, step=parts["state"].step, out=Path(cfg.out))
 
 
@@ -60,6 +64,7 @@ def save(cfg: Any, parts: dict[str, Any]) -> Path:
             "train": state.state_dict(), "optimizer": parts["optimizer"].state_dict(),
             "schedule": parts["schedule"].state_dict(), "ema": None if ema is None else ema.state_dict(),
             "config": cfg.model_dump(mode="json"),
+            "discriminator": None if parts.get("adversary") is None else parts["adversary"].state_dict(),
         })  # fmt: skip
         with exported_weights(cfg, parts):
             vae.save_pretrained(folder / "vae", safe_serialization=True)
@@ -89,3 +94,8 @@ def resume(cfg: Any, parts: dict[str, Any], folder: Path) -> None:
     if parts["ema"] is not None:
         parts["ema"].load_state_dict(state["ema"], strict=not cfg.force)
     parts["state"].load_state_dict(state["train"])
+    adversary, saved = parts.get("adversary"), state.get("discriminator")
+    if adversary is not None and saved is not None:
+        adversary.load_state_dict(saved)
+    elif adversary is not None:  # switched on since the checkpoint (--force): it starts fresh
+        console.info("[yellow]warning: the checkpoint has no discriminator: a new one starts at this step[/]")

@@ -20,6 +20,7 @@ from PIL import Image
 
 from sdxl_trainer import console
 from sdxl_trainer.errors import UserError
+from sdxl_trainer.models.vae_objective import crop_offset
 from sdxl_trainer.prep.pixels import PixelSource, read_manifest
 from sdxl_trainer.train.sampler import holdout_hash, holdout_mask
 
@@ -101,7 +102,7 @@ class CropData:
                 raise UserError(f"{len(self.unreadable)} images became unreadable since the scan",
                                 where=str(Path(self.train_rows[index]["path"]).parent),
                                 fix="re-run `sdxl prep scan` on the data folder")  # fmt: skip
-            top, left = int(rng.integers(image.height - c + 1)), int(rng.integers(image.width - c + 1))
+            top, left = crop_offset(image.height, image.width, c, lambda n: int(rng.integers(n)))
             crops.append(to_tensor(image.crop((left, top, left + c, top + c))))
             ids.append(self.train_rows[index]["id"])
         return torch.stack(crops), ids

@@ -3,7 +3,8 @@
 The encoder (encoder + quant_conv) is frozen and stays in eval mode, so the latents `prep cache`
 stored and the UNet learns from stay valid; only the decoder (post_quant_conv + decoder) learns,
 from random crops of the manifest's images: encode → latent (posterior sample or mean) → decode →
-L1 + SSIM loss against the crop. The training blocks are `sdxl train`'s: optimiser and parameter
+L1 + SSIM loss against the crop (+ a patch discriminator's term with loss.gan_weight > 0,
+discriminator.py). The training blocks are `sdxl train`'s: optimiser and parameter
 groups, LR schedule in samples, EMA, counters, (seed, step) reseeding, atomic checkpoint folders
 with checksums, the verified resume and the finite-weights refusal, metrics.jsonl and its sinks.
 
@@ -27,6 +28,7 @@ from sdxl_trainer import console, dist
 from sdxl_trainer.config import VaeTrainConfig, dump_config
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.models.loading import load_vae, part_dir
+from sdxl_trainer.models.vae_objective import clipped_step
 from sdxl_trainer.train.checkpoint_dir import prepare_checkpoints, read_latest
 from sdxl_trainer.train.ema import EMA
 from sdxl_trainer.train.integrity import check_resume
@@ -37,9 +39,11 @@ from sdxl_trainer.train.sinks import close_sinks, emit, log_line, open_sinks, tr
 from sdxl_trainer.train.state import TrainState
 from sdxl_trainer.vae_train import checkpoint
 from sdxl_trainer.vae_train.data import CropData
+from sdxl_trainer.vae_train.discriminator import Adversary
 from sdxl_trainer.vae_train.quality import make_loss, metrics, read_eval_rows, reconstruct, write_eval_rows, write_grid
 
 EVAL_CSV, GRID = "vae_eval.csv", "vae_grid.png"
+GAN_LOGGED = ("pixel_loss", "g_loss", "gan_w", "d_loss")  # the last update's, with the discriminator on
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -70,18 +74,19 @@ def update(vae: torch.nn.Module, crops: torch.Tensor, *, loss_fn, parts: dict[st
     with torch.autocast(crops.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         decoded = vae.decode(latents).sample
     loss = loss_fn((decoded.float() + 1.0) / 2.0, crops)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    max_norm = cfg.optimizer.max_grad_norm or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    skipped = not bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
-    if not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    adversary, logged = parts.get("adversary"), {}
+    gan_now = adversary is not None and adversary.active(state.step)
+    if gan_now:  # loss.gan_weight > 0, after the warm-up: + w · (−D(x̂)) (discriminator.py)
+        term, logged = adversary.generator_term(decoded, loss, vae.decoder.conv_out.weight)
+        logged["pixel_loss"] = float(loss.detach())
+        loss = loss + term
+    grad_norm, skipped = clipped_step(optimizer, loss, params, cfg.optimizer.max_grad_norm)
     state.record(samples=crops.shape[0], skipped=skipped)
     if not skipped and parts["ema"] is not None:
         parts["ema"].update(vae, step=state.updates)
-    return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "skipped": skipped}
+    if gan_now and not skipped:  # the discriminator's hinge step, on this update's crops
+        logged.update(adversary.update(crops * 2.0 - 1.0, decoded))
+    return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "skipped": skipped, **logged}
 
 
 def evaluate(cfg: VaeTrainConfig, parts: dict[str, Any], held: torch.Tensor, device: torch.device) -> dict[str, float]:
@@ -121,6 +126,9 @@ def run(cfg: VaeTrainConfig) -> dict[str, Any]:
     data = CropData(Path(cfg.work), crop=cfg.crop, holdout_count=cfg.eval.holdout_count, seed=cfg.seed)
     held, held_paths = data.held_out()
     loss_fn, loss_name = make_loss(crop=cfg.crop, l1_weight=cfg.loss.l1_weight, ssim_weight=cfg.loss.ssim_weight)
+    if cfg.loss.gan_weight:
+        loss_name += (f" + {cfg.loss.gan_weight:g}·{'adaptive·' if cfg.loss.gan_adaptive else ''}(−D(x̂)) "
+                      f"from update {cfg.loss.gan_start_step + 1} (patch discriminator, hinge)")  # fmt: skip
     console.info(f"train-vae: {len(data.train_rows)} training images, {held.shape[0]} held out, {data.too_small} "
                  f"skipped (short side < crop {cfg.crop}); loss {loss_name}; precision {precision}")  # fmt: skip
 
@@ -137,7 +145,9 @@ def run(cfg: VaeTrainConfig) -> dict[str, Any]:
     ema = EMA(vae, decay=e.decay, warmup=e.warmup, power=e.power, update_every=e.update_every,
               device="cpu" if e.device == "cpu" else None) if e.enabled else None  # fmt: skip
     state = TrainState()
-    parts = {"vae": vae, "optimizer": optimizer, "schedule": schedule, "ema": ema, "state": state}
+    adversary = Adversary(cfg, device) if cfg.loss.gan_weight > 0 else None
+    parts = {"vae": vae, "optimizer": optimizer, "schedule": schedule, "ema": ema, "state": state,
+             "adversary": adversary}  # fmt: skip
     if resume_from is not None:
         checkpoint.resume(cfg, parts, resume_from)
         console.info(f"resumed from {resume_from} at step {state.step}")
@@ -188,7 +198,8 @@ def run(cfg: VaeTrainConfig) -> dict[str, Any]:
                     record = {"step": state.step, "samples": state.samples_seen,
                               "loss": sum(losses) / len(losses) if losses else None, "lr": schedule.lrs(),
                               "grad_norm": result["grad_norm"], "skipped": state.skipped,
-                              "samples_per_s": len(losses) * cfg.batch_size / max(now - t0, 1e-9)}  # fmt: skip
+                              "samples_per_s": len(losses) * cfg.batch_size / max(now - t0, 1e-9),
+                              **{k: result[k] for k in GAN_LOGGED if k in result}}  # fmt: skip
                     if eval_now:
                         record_eval(record)
                     log_line(metrics_log, record)

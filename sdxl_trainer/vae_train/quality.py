@@ -19,26 +19,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from pytorch_msssim import ms_ssim, ssim
+from pytorch_msssim import ssim
 
-WIN = 11
-MS_SSIM_MIN_SIDE = (WIN - 1) * 2**4 + 1  # 161: pytorch-msssim asserts side > 160 for its 5 scales
+from sdxl_trainer.models.vae_objective import MS_SSIM_MIN_SIDE, WIN, make_similarity, reconstruction_loss
+
 EVAL_COLUMNS = ("step", "l1", "psnr", "ssim")
+__all__ = ["MS_SSIM_MIN_SIDE", "make_loss", "metrics", "reconstruct"]
 
 
 def make_loss(*, crop: int, l1_weight: float, ssim_weight: float) -> tuple[Callable[..., torch.Tensor], str]:
-    """``loss(decoded, target)`` on [B, 3, H, W] in [0, 1] and its name (which SSIM it uses)."""
-    multiscale = crop >= MS_SSIM_MIN_SIDE
-    similarity = ms_ssim if multiscale else ssim
+    """``loss(decoded, target)`` on [B, 3, H, W] in [0, 1] and its name (which SSIM it uses); the loss is
+    models/vae_objective.py's, shared with the demo kit's VAE fit."""
+    similarity, multiscale = make_similarity(crop)
     name = f"{l1_weight:g}·L1 + {ssim_weight:g}·(1 − {'MS-SSIM' if multiscale else 'SSIM'})"
     if not multiscale and ssim_weight:
         name += f" (crop {crop} < {MS_SSIM_MIN_SIDE}: single-scale SSIM)"
 
     def loss(decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        total = l1_weight * (decoded - target).abs().mean()
-        if ssim_weight:
-            total = total + ssim_weight * (1.0 - similarity(decoded, target, data_range=1.0, win_size=WIN))
-        return total
+        return reconstruction_loss(decoded, target, l1_weight=l1_weight, ssim_weight=ssim_weight, similarity=similarity)
 
     return loss, name
 
