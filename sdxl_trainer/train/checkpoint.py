@@ -30,6 +30,8 @@ from sdxl_trainer import console
 from sdxl_trainer.config import TrainConfig
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.models import fingerprint
+from sdxl_trainer.diffusion.schedules import NOVELAI_SIGMA_MAX
+from sdxl_trainer.models.comfy_workflow import write_workflow
 from sdxl_trainer.models.export import save_diffusers_pipeline, save_single_file, unwrap_model
 from sdxl_trainer.models.loading import load_text_encoders, load_tokenizers, load_vae
 from sdxl_trainer.models.lora import load_lora_state_dict, lora_state_dict, save_lora_diffusers, save_lora_kohya
@@ -134,8 +136,22 @@ def _export(folder: Path, cfg: TrainConfig, unet: torch.nn.Module, exports: dict
                                 sigma_max=cfg.objective.sigma_max if cfg.objective.name == "v_ztsnr" else None,
                                 dtype=ck.dtype, config=cfg, **norm)  # fmt: skip
     if ck.single_file:
-        save_single_file(folder / "model.safetensors", unet=unet, vae=exports["vae"], text_encoder=te1,
-                         text_encoder_2=te2, dtype=ck.dtype, objective=cfg.objective.name)  # fmt: skip
+        o = cfg.objective
+        record = {"flow": {"sdxl_trainer.flow_shift": str(o.flow_shift)},
+                  "v_ztsnr": {"sdxl_trainer.sigma_max": str(o.sigma_max or NOVELAI_SIGMA_MAX)}}.get(o.name)  # fmt: skip
+        path = save_single_file(folder / "model.safetensors", unet=unet, vae=exports["vae"], text_encoder=te1,
+                                text_encoder_2=te2, dtype=ck.dtype, objective=o.name, metadata=record)  # fmt: skip
+        write_workflow(path, **workflow_settings(cfg))  # ComfyUI: how to sample it (models/comfy_workflow.py)
+
+
+def workflow_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The ComfyUI workflow's sampling settings: the run's objective and shift, and its sample settings."""
+    s = cfg.samples
+    prompt = s.prompts[0] if isinstance(s.prompts, list) and s.prompts else "a photo"
+    return {"objective": cfg.objective.name, "flow_shift": cfg.objective.flow_shift,
+            "prompt": prompt.split(" --")[0].strip() or "a photo", "negative": s.negative or "",
+            "width": s.width or 1024, "height": s.height or 1024, "steps": s.steps, "cfg": s.cfg, "seed": 0,
+            "filename_prefix": Path(cfg.out).name or "sdxl_trainer"}  # fmt: skip
 
 
 def _with_new_defaults(saved: dict[str, Any], cls: type, fixed: tuple[str, ...]) -> dict[str, Any]:
