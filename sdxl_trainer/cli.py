@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from sdxl_trainer import __version__, cli_help, cli_inference, cli_options, cli_train, cli_vae, console, disk, locks
+from sdxl_trainer import __version__, cli_help, cli_inference, cli_options, cli_publish, cli_train, cli_vae, console, disk, locks
 from sdxl_trainer.cli_options import load, parse_sets
 from sdxl_trainer.config import (CacheConfig, EvaluateConfig, GenerateConfig, ScanConfig, StatsConfig, TrainConfig,
                                  VaeTrainConfig, WeightsConfig)
@@ -263,6 +263,7 @@ train_vae = cli_vae.register(app, user_errors, CONFIG_OPT, one_writer, UNLOCK_OP
 
 
 generate, evaluate = cli_inference.register(app, user_errors, CONFIG_OPT)  # sdxl generate, sdxl evaluate
+publish = cli_publish.register(app, user_errors)  # sdxl publish
 
 
 @app.command("config", cls=cli_help.HelpCommand)

@@ -103,6 +103,11 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any,
         save_checkpoints: Optional[int] = typer.Option(
             None, "--save-checkpoints", "--save_checkpoints", help="Write a checkpoint every N updates."
         ),
+        push_to_hub: Optional[bool] = typer.Option(None, "--push-to-hub", "--push_to_hub",
+            help="After the run, publish its last checkpoint to the Hub (with --hub-model-id)."),
+        hub_model_id: Optional[str] = typer.Option(None, "--hub-model-id", "--hub_model_id", help="Hub USER/NAME."),
+        hub_private: Optional[bool] = typer.Option(None, "--hub-private", "--hub_private",
+                                                   help="Create the Hub repository private."),
         use_wandb: Optional[bool] = typer.Option(None, "--use-wandb", "--use_wandb", help="Log to Weights & Biases."),
         wandb_project: Optional[str] = typer.Option(None, "--wandb-project", "--wandb_project"),
         wandb_run_name: Optional[str] = typer.Option(None, "--wandb-run-name", "--wandb_run_name"),
@@ -153,7 +158,8 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any,
             "compile_scope": compile_scope, "checkpoints.every_steps": save_checkpoints, "logging.wandb": use_wandb,
             "logging.wandb_project": wandb_project, "logging.wandb_run_name": wandb_run_name, "resume": resume,
             "force": force, "allow_model_change": allow_model_change, "seed": seed, "device": device,
-            "max_skipped_fraction": max_skipped_fraction,
+            "max_skipped_fraction": max_skipped_fraction, "hub.push_to_hub": push_to_hub,
+            "hub.model_id": hub_model_id, "hub.private": hub_private,
             "samples.prompts": sample_prompts, "samples.every_steps": sample_every_n_steps,
             "samples.every_samples": sample_every_n_samples, "samples.sampler": sample_sampler,
             "data.p_uncond": caption_dropout_rate,
@@ -188,6 +194,10 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any,
             with one_writer(cfg.out, "train", force_unlock):
                 summary = stage.run(cfg)
         console.table("sdxl train", [(k, v) for k, v in summary.items() if k != "last"], ("", ""))
+        if cfg.hub.push_to_hub:  # the run is complete; an upload failure is one line and RUN/publish/ stays
+            from sdxl_trainer import publish
+
+            publish.run(cfg.out, repo_id=cfg.hub.model_id, private=cfg.hub.private, what=cfg.hub.what)
 
 
     return train

@@ -31,6 +31,8 @@ ALLOWED = {
     "train": {"errors", "schema", "config", "console", "models", "diffusion", "cache_format", "dist", "caption_variants",
               "sampling"},
     "evaluate": {"errors", "schema", "config", "console", "models", "diffusion", "train", "sampling"},
+    # publishing reads training checkpoints and the run config (as evaluate does) and writes the Hub folder
+    "publish": {"errors", "schema", "config", "console", "models", "diffusion", "train", "evaluate"},
     # `sdxl train-vae`: reads images as prep does (prep/pixels.py) and trains with train's blocks, so it
     # sits above both, keeping train free of prep
     "vae_train": {"errors", "schema", "config", "console", "models", "dist", "prep", "train"},

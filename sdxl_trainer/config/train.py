@@ -139,6 +139,21 @@ class CheckpointSection(Section):
         return self
 
 
+class HubSection(Section):
+    """Publishing the run's last checkpoint to the Hugging Face Hub when training ends (`sdxl publish`)."""
+
+    push_to_hub: bool = Field(False, description="after the run, upload its last checkpoint with a model card")
+    model_id: str | None = Field(None, description="Hub repository USER/NAME")
+    private: bool = Field(False, description="create the repository private")
+    what: Literal["auto", "full", "lora", "both"] = Field("auto", description="which exports (auto: what it has)")
+
+    @model_validator(mode="after")
+    def _needs_repo(self) -> "HubSection":
+        if self.push_to_hub and not self.model_id:
+            raise ValueError("hub.push_to_hub needs hub.model_id (--hub-model-id USER/NAME)")
+        return self
+
+
 class TextSection(Section):
     """Where the text conditioning comes from: the cache, or the text encoders run every step."""
 
@@ -225,6 +240,7 @@ class TrainConfig(Section):
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     data: TrainDataSection = Field(default_factory=TrainDataSection)
     checkpoints: CheckpointSection = Field(default_factory=CheckpointSection)
+    hub: HubSection = Field(default_factory=HubSection)
     text: TextSection = Field(default_factory=TextSection)
     validation: ValidationSection = Field(default_factory=ValidationSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
