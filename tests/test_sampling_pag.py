@@ -173,3 +173,22 @@ def test_cli_records_pag_and_refuses_bad_values(tmp_path, tiny_model_dir):
     line = _one_error_line(_cli_generate(tmp_path / "c", tiny_model_dir, "--pag-scale", "2", "--pag-layers", "nowhere"))
     assert "'nowhere' names no self-attention" in line
     assert "not a regular expression" in _one_error_line(_cli_generate(tmp_path / "d", tiny_model_dir, "--pag-layers", "up("))
+
+
+def test_in_training_samples_carry_pag_and_configs_refuse_bad_layers():
+    from pydantic import ValidationError
+
+    from sdxl_trainer.config import GenerateConfig
+    from sdxl_trainer.config.samples import SamplesSection
+    from sdxl_trainer.train.samples import plan_jobs
+
+    s = SamplesSection(prompts=["red circle", "blue square --l 2"], every_steps=10, pag_scale=2.5, pag_layers=["up.block_0"])
+    jobs = plan_jobs(s, size=(64, 64))
+    assert [(j.options.pag_scale, j.options.pag_layers, j.options.cfg_scale) for j in jobs] == [
+        (2.5, ("up.block_0",), 5.0), (2.5, ("up.block_0",), 2.0)]  # fmt: skip
+    assert plan_jobs(SamplesSection(prompts=["x"], every_steps=1), size=(64, 64))[0].options.pag_scale == 0.0
+    for bad in ({"pag_layers": ["("]}, {"pag_layers": [" "]}, {"pag_layers": []}, {"pag_scale": -0.5}):
+        with pytest.raises(ValidationError):
+            GenerateConfig(checkpoint="m", prompt=["x"], **bad)
+        with pytest.raises(ValidationError):
+            SamplesSection(prompts=["x"], every_steps=1, **bad)
