@@ -15,7 +15,9 @@ The swap is scoped to the perturbed pass: inside :func:`perturbed_attention` eac
 processor is wrapped by one that answers the identity only for calls made in this thread (a
 ``ContextVar``) and delegates to the original otherwise; the last scope to leave puts the original
 processor back. So another thread sampling with the same UNet meanwhile gets normal attention, and
-the UNet keeps no trace — which matters for the UNet being trained (in-training samples).
+the UNet keeps no trace — which matters for the UNet being trained (in-training samples). Under
+torch.compile the thread check cannot be traced: there a compiled block whose processor is wrapped is
+perturbed for every caller while the scope lasts (one thread at a time; recompiled once per variant).
 """
 
 from __future__ import annotations
@@ -98,7 +100,10 @@ class _Perturbable:
         self.inner, self.users = inner, 0
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if id(attn) in _PERTURBED.get():
+        # torch.compile cannot trace ContextVar.get (the trainer compiles each transformer block with
+        # fullgraph=True): inside a compiled block a wrapper that is installed means a perturbed pass, right
+        # for one thread at a time (the trainer samples on its own thread, between updates)
+        if torch.compiler.is_compiling() or id(attn) in _PERTURBED.get():
             return identity_attention(attn, hidden_states, temb)
         if temb is not None:
             kwargs["temb"] = temb
