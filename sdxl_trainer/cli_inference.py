@@ -27,6 +27,8 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any)
         steps: Optional[int] = typer.Option(None, help="Sampling steps."),
         cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale (1 = off)."),
         cfg_rescale: Optional[float] = typer.Option(None, help="CFG rescale φ (0.7 is Lin et al.'s)."),
+        pag_scale: Optional[float] = typer.Option(None, help="Perturbed-attention guidance scale (0 = off)."),
+        pag_layers: Optional[list[str]] = typer.Option(None, help="PAG layers, e.g. mid, up_blocks.0 (repeatable)."),
         sampler: Optional[str] = typer.Option(None, help="auto | euler | euler_ancestral | dpmpp_2m | flow_euler."),
         schedule: Optional[str] = typer.Option(None, help="auto | karras | trailing | uniform | beta."),
         width: Optional[int] = typer.Option(None, help="Image width (unset: the model's base resolution)."),
@@ -50,6 +52,7 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any)
                      "width": width, "height": height, "seed": seed, "num_images": num_images, "sigma_max": sigma_max,
                      "flow_shift": flow_shift, "lora": lora, "lora_scale": lora_scale, "config_dir": config_dir,
                      "device": device, "dtype": dtype}  # fmt: skip
+        overrides |= {"pag_scale": pag_scale, "pag_layers": pag_layers or None}
         paths = stage.run(load(GenerateConfig, config, overrides))
         console.table("sdxl generate", [(str(p),) for p in paths], ("image",))
 
@@ -62,6 +65,8 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any)
         check: Optional[list[str]] = typer.Option(None, "--check", help="black | coherence | schedules | progressive (repeatable)."),
         steps: Optional[int] = typer.Option(None, help="Sampling steps of every image."),
         cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale."),
+        pag_scale: Optional[float] = typer.Option(None, help="Perturbed-attention guidance scale (0 = off)."),
+        pag_layers: Optional[list[str]] = typer.Option(None, help="PAG layers, e.g. mid (repeatable)."),
         seeds: Optional[list[int]] = typer.Option(None, "--seed", help="Black/white-image seeds (repeatable)."),
         base_resolution: Optional[int] = typer.Option(None, help="The training side (unset: from the UNet config)."),
         lora: Optional[Path] = typer.Option(None, help="A LoRA merged into the UNet."),
@@ -76,6 +81,7 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any)
         overrides = {"checkpoint": checkpoint, "out": out, "checks": check or None, "steps": steps, "cfg_scale": cfg,
                      "seeds": seeds or None, "base_resolution": base_resolution, "lora": lora, "config_dir": config_dir,
                      "device": device}  # fmt: skip
+        overrides |= {"pag_scale": pag_scale, "pag_layers": pag_layers or None}
         stage.run(load(EvaluateConfig, config, overrides, parse_sets(set_)))
 
     return generate, evaluate

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from sdxl_trainer.config.base import Section
 
@@ -23,6 +24,9 @@ class SamplingSection(Section):
     schedule: Literal["auto", "karras", "trailing", "uniform", "beta"] = Field(
         "auto", description="auto = karras (flow: its shifted times); beta = Beta(0.6, 0.6) quantiles, as ComfyUI"
     )
+    pag_scale: float = Field(0.0, ge=0, description="perturbed-attention guidance (0 = off; bigASP: 2–5 with CFG 2–5)")
+    pag_layers: list[str] = Field(["mid"], min_length=1, description="PAG's self-attention layers, diffusers' names: "
+                                  "mid, up_blocks.0, down_blocks.2.attentions.1 (regex) or up.block_0")
     negative: str = Field("", description="negative prompt (the encoded empty prompt by default, as in training)")
     lora: Path | None = Field(None, description="a LoRA file (diffusers/PEFT or kohya) merged into the UNet")
     lora_scale: float = Field(1.0, description="LoRA strength")
@@ -30,6 +34,23 @@ class SamplingSection(Section):
     max_chunks: int = Field(3, ge=1, le=8, description="75-token prompt chunks (as the cache was built)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on a GPU, else fp32")
+
+    @field_validator("pag_layers")
+    @classmethod
+    def _pag_layers(cls, layers: list[str]) -> list[str]:
+        return check_pag_layers(layers)
+
+
+def check_pag_layers(layers: list[str]) -> list[str]:
+    """PAG layer names that are non-empty regular expressions (whether the UNet has them is checked when it loads)."""
+    for layer in layers:
+        if not layer.strip():
+            raise ValueError("a PAG layer name is empty")
+        try:
+            re.compile(layer)
+        except re.error as exc:
+            raise ValueError(f"PAG layer {layer!r} is not a regular expression ({exc})") from None
+    return layers
 
 
 class GenerateConfig(SamplingSection):

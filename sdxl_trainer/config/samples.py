@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from sdxl_trainer.config.base import Section
-from sdxl_trainer.config.evaluate import Sampler
+from sdxl_trainer.config.evaluate import Sampler, check_pag_layers
 
 
 class SampleChecksSection(Section):
@@ -45,6 +45,8 @@ class SamplesSection(Section):
     steps: int = Field(28, ge=1, description="sampling steps (UNet evaluations per image, ×2 with CFG)")
     cfg: float = Field(5.0, ge=0, description="classifier-free guidance scale (1 = off)")
     cfg_rescale: float = Field(0.0, ge=0, le=1, description="CFG rescale φ")
+    pag_scale: float = Field(0.0, ge=0, description="perturbed-attention guidance scale (0 = off); as sdxl generate")
+    pag_layers: list[str] = Field(["mid"], min_length=1, description="PAG's self-attention layers (as sdxl generate)")
     sampler: Sampler = Field("auto", description="auto = dpmpp_2m (eps/v), flow_euler (flow); as sdxl generate")
     schedule: Literal["auto", "karras", "trailing", "uniform"] = Field("auto", description="auto = karras")
     width: int | None = Field(None, gt=0, description="unset: the most common bucket of the training data")
@@ -52,6 +54,11 @@ class SamplesSection(Section):
     max_chunks: int = Field(3, ge=1, le=8, description="75-token prompt chunks")
     checks: SampleChecksSection = Field(default_factory=SampleChecksSection,
                                         description="the sdxl evaluate checks, on each round's weights")
+
+    @field_validator("pag_layers")
+    @classmethod
+    def _pag_layers(cls, layers: list[str]) -> list[str]:
+        return check_pag_layers(layers)
 
     @property
     def enabled(self) -> bool:

@@ -34,7 +34,7 @@ samplers
     sample_euler, sample_euler_ancestral, sample_dpmpp_2m, sample_flow_euler, get_sampler, SAMPLERS,
     ancestral_step, prior_noise, preview_collector
 guidance
-    cfg, rescale_cfg, cfg_rescaled, guided_denoiser, GUIDANCE_SPACES
+    cfg, rescale_cfg, cfg_rescaled, pag, guided_denoiser, GUIDANCE_SPACES
 
 Training step (no host synchronisation anywhere on this path)::
 
@@ -59,7 +59,7 @@ Sampling::
 """
 
 from .beta_schedule import beta_flow_times, beta_ppf, beta_sigmas
-from .guidance import GUIDANCE_SPACES, cfg, cfg_rescaled, guided_denoiser, rescale_cfg
+from .guidance import GUIDANCE_SPACES, cfg, cfg_rescaled, guided_denoiser, pag, rescale_cfg
 from .objectives import (
     FLOW_TIMESTEP_SCALE,
     OBJECTIVES,
@@ -203,6 +203,7 @@ __all__ = [
     "min_snr_v_plus_one",
     "offset_noise",
     "output_to_x0_eps",
+    "pag",
     "perturb_input_noise",
     "preview_collector",
     "prior_noise",

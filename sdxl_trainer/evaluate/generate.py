@@ -19,7 +19,8 @@ def options_from_config(cfg: Any) -> SamplingOptions:
     """The sampling options of a GenerateConfig or EvaluateConfig."""
     return SamplingOptions(steps=cfg.steps, cfg_scale=cfg.cfg_scale, cfg_rescale=cfg.cfg_rescale, sampler=cfg.sampler,
                            schedule=cfg.schedule, sigma_max=getattr(cfg, "sigma_max", None),
-                           flow_shift=getattr(cfg, "flow_shift", None), max_chunks=cfg.max_chunks)  # fmt: skip
+                           flow_shift=getattr(cfg, "flow_shift", None), max_chunks=cfg.max_chunks,
+                           pag_scale=cfg.pag_scale, pag_layers=tuple(cfg.pag_layers))  # fmt: skip
 
 
 def _next_index(out: Path) -> int:

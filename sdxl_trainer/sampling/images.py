@@ -32,6 +32,8 @@ def a1111_parameters(params: dict[str, Any]) -> str:
               f"Seed: {params['seed']}",
               f"Size: {params['width']}x{params['height']}", f"Sigma max: {params['start_sigma']:g}",
               f"Objective: {params['objective']}", f"Model: {params['checkpoint']}"]  # fmt: skip
+    if params.get("pag_scale"):
+        fields.append(f"PAG scale: {params['pag_scale']:g}, PAG layers: {' '.join(params['pag_layers'])}")
     if params.get("flow_shift"):
         fields.append(f"Shift: {params['flow_shift']:g}")
     return f"{params['prompt']}\nNegative prompt: {params['negative']}\n" + ", ".join(fields)

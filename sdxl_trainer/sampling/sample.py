@@ -28,6 +28,7 @@ from sdxl_trainer.diffusion import (
 )
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.sampling.generator import Generator, decode_latents, encode_text, unet_kwargs
+from sdxl_trainer.sampling.pag import PAG_DEFAULT_LAYERS, perturbed_unet_fn
 
 SAMPLER_CHOICES = ("auto", "euler", "euler_ancestral", "dpmpp_2m", "flow_euler")
 SCHEDULE_CHOICES = ("auto", "karras", "trailing", "uniform", "beta")
@@ -46,6 +47,8 @@ class SamplingOptions:
     sigma_max: float | None = None
     flow_shift: float | None = None
     max_chunks: int = 3
+    pag_scale: float = 0.0  # perturbed-attention guidance (0 = off): one more UNet pass per step
+    pag_layers: tuple[str, ...] = PAG_DEFAULT_LAYERS
 
 
 def pick_sampler(generator: Generator, name: str) -> str:
@@ -118,6 +121,22 @@ def unet_fn(generator: Generator):
     return call
 
 
+def guided_model(generator: Generator, options: SamplingOptions, *, cond: dict, uncond: dict):
+    """(denoiser, extra_args) for the samplers: CFG (skipped at scale 1), its rescale, and PAG when pag_scale > 0."""
+    g = generator
+    if options.pag_scale < 0:
+        raise UserError(f"pag_scale must be at least 0, got {options.pag_scale}", fix="use 0 (off) or e.g. 3")
+    denoiser = g.objective.denoiser(unet_fn(g), dtype=g.dtype)
+    perturbed = None
+    if options.pag_scale > 0:
+        perturbed = g.objective.denoiser(perturbed_unet_fn(g.unet, options.pag_layers), dtype=g.dtype)
+    if options.cfg_scale == 1.0 and perturbed is None:  # no guidance: the negative would cancel out, skip its call
+        return denoiser, cond
+    model = guided_denoiser(denoiser, scale=options.cfg_scale, phi=options.cfg_rescale, space=g.guidance_space,
+                            pag_scale=options.pag_scale, perturbed=perturbed)  # fmt: skip
+    return model, {"cond": cond, "uncond": None if options.cfg_scale == 1.0 else uncond}
+
+
 @torch.no_grad()
 def sample_latents(
     generator: Generator, *, prompt: str, negative: str = "", seed: int, width: int, height: int,
@@ -131,13 +150,8 @@ def sample_latents(
                              flow_shift=options.flow_shift)  # fmt: skip
     (hidden, pooled), (neg_hidden, neg_pooled) = encode_text(g, [prompt], [negative], max_chunks=options.max_chunks)
     cond = unet_kwargs(hidden, pooled, height=height, width=width)
-    denoiser = g.objective.denoiser(unet_fn(g), dtype=g.dtype)
-    if options.cfg_scale == 1.0:  # no guidance: the negative would cancel out, skip its UNet call
-        model, extra = denoiser, cond
-    else:
-        uncond = unet_kwargs(neg_hidden, neg_pooled, height=height, width=width)
-        model = guided_denoiser(denoiser, scale=options.cfg_scale, phi=options.cfg_rescale, space=g.guidance_space)
-        extra = {"cond": cond, "uncond": uncond}
+    uncond = unet_kwargs(neg_hidden, neg_pooled, height=height, width=width)
+    model, extra = guided_model(g, options, cond=cond, uncond=uncond)
     rng = torch.Generator("cpu").manual_seed(int(seed))
     shape = (1, g.unet.config.in_channels, height // g.vae_factor, width // g.vae_factor)
     x = prior_noise(shape, sigma_max=float(sigmas[0]), generator=rng, device=g.device)
@@ -154,7 +168,7 @@ def generation_params(generator: Generator, *, prompt: str, negative: str, seed:
         "prompt": prompt, "negative": negative, "seed": int(seed), "width": width, "height": height,
         **asdict(options), "sampler": pick_sampler(generator, options.sampler),
         "schedule": "flow" if flow else ("karras" if options.schedule == "auto" else options.schedule),
-        "start_sigma": float(sigmas[0]),
+        "start_sigma": float(sigmas[0]), "pag_layers": list(options.pag_layers),
         "flow_shift": generator.flow_shift if options.flow_shift is None else options.flow_shift,
         "objective": generator.info["objective"], "checkpoint": generator.source.get("given"),
         "loras": generator.source.get("loras"), "lora_scale": generator.source.get("lora_scale"),
@@ -167,6 +181,7 @@ def generate_images(
     options: SamplingOptions = SamplingOptions(),
 ) -> list[tuple[torch.Tensor, dict[str, Any]]]:  # fmt: skip
     """(RGB image (3, H, W) in [0, 1], its parameters) for every prompt × seed, prompt-major."""
+    guided_model(generator, options, cond={}, uncond={})  # a bad PAG scale or layer: refused before the progress bar
     out = []
     with console.progress("generating", len(prompts) * len(seeds), unit="img") as advance:
         for prompt in prompts:

@@ -89,7 +89,8 @@ def most_common_bucket(dataset: Any) -> tuple[int, int]:
 def plan_jobs(s: SamplesSection, *, size: tuple[int, int]) -> list[SampleJob]:
     """The prompts of ``samples.prompts`` (a list or a file) with their per-line overrides applied."""
     base = SamplingOptions(steps=s.steps, cfg_scale=s.cfg, cfg_rescale=s.cfg_rescale, sampler=s.sampler,
-                           schedule=s.schedule, max_chunks=s.max_chunks)  # fmt: skip
+                           schedule=s.schedule, max_chunks=s.max_chunks, pag_scale=s.pag_scale,
+                           pag_layers=tuple(s.pag_layers))  # fmt: skip
     jobs = []
     for i, line in enumerate(read_prompt_lines(s.prompts)):
         opts = replace(base, steps=line.steps or base.steps, cfg_scale=base.cfg_scale if line.cfg is None else line.cfg)
