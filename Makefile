@@ -32,8 +32,12 @@ demo: install
 TEST_ENV := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 
 # --durations: each slow test's time is printed, so the margin to CI's time limit stays visible.
+# -n: one pytest worker per core (pytest-xdist), each file's tests on one worker so that its module
+# fixtures are built once; the demo test (single-threaded, ~15 min) runs beside the rest instead of
+# before it. TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= auto
 test: install
-	$(TEST_ENV) $(BIN)/python -m pytest -q --durations=15
+	$(TEST_ENV) $(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 # Not in CI: the newest torch and packages that pyproject.toml allows, so a dependency change is
 # found on purpose. After it passes, `make constraints VENV=.venv-latest` records that set as the tested one.
