@@ -86,6 +86,8 @@ def test_vae_file_is_the_original_layout_and_loads_in_diffusers(run, tiny_model_
     # our own reader gives the same VAE
     mine = load_vae_any(path, like=load_vae(tiny_model_dir))
     assert torch.equal(_decode(mine, z), _decode(folder, z)) and same_encoder(mine, folder)
+    weights = load_vae_any(ckpt / "vae" / "diffusion_pytorch_model.safetensors", like=load_vae(tiny_model_dir))
+    assert torch.equal(_decode(weights, z), _decode(folder, z))  # a diffusers-layout file is read as it is
 
 
 def test_foreign_files_and_paths_are_refused(run, parts, tiny_model_dir, tmp_path):

@@ -82,7 +82,8 @@ def vae_state_from_file(path: Path | str, like: torch.nn.Module) -> dict[str, to
     """The diffusers state dict of ``like``'s architecture read from an original-layout file.
 
     Every tensor ``like`` has must be there with its shape (attention matrices as 1×1 convs or
-    plain); a file that lacks one, or is not a VAE at all, is refused in one line.
+    plain); a file that lacks one, or is not a VAE at all, is refused in one line. A file with
+    diffusers' own names (a ``vae/`` folder's weights file) is read as it is.
     """
     path = Path(path)
     tensors = _read(path)
@@ -90,7 +91,10 @@ def vae_state_from_file(path: Path | str, like: torch.nn.Module) -> dict[str, to
         tensors = {k.removeprefix(export_ldm.VAE_PREFIX): v for k, v in tensors.items()
                    if k.startswith(export_ldm.VAE_PREFIX)}  # fmt: skip
     target = like.state_dict()
-    names = export_ldm.map_keys(target, export_ldm.vae_module_table(like.config), prefix="", what="VAE")
+    if set(target) <= set(tensors):  # a diffusers-layout file (vae/diffusion_pytorch_model.safetensors)
+        names = {k: k for k in target}
+    else:
+        names = export_ldm.map_keys(target, export_ldm.vae_module_table(like.config), prefix="", what="VAE")
     missing = [names[k] for k in target if names[k] not in tensors]
     if missing:
         found = "no VAE tensors" if not any(k.startswith(("encoder.", "decoder.")) for k in tensors) else \
