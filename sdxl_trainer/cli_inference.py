@@ -40,6 +40,7 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any)
         lora: Optional[Path] = typer.Option(None, help="A LoRA (diffusers/PEFT or kohya file) merged into the UNet."),
         lora_scale: Optional[float] = typer.Option(None, help="LoRA strength."),
         config_dir: Optional[Path] = typer.Option(None, help="For a single file: an SDXL diffusers folder (configs, tokenizers)."),
+        vae: Optional[Path] = typer.Option(None, help="Decode with this VAE: a diffusers VAE folder, a train-vae run/checkpoint, or a .safetensors."),
         device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
         dtype: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16."),
         config: Optional[Path] = CONFIG_OPT,
@@ -51,7 +52,7 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any)
                      "cfg_scale": cfg, "cfg_rescale": cfg_rescale, "sampler": sampler, "schedule": schedule,
                      "width": width, "height": height, "seed": seed, "num_images": num_images, "sigma_max": sigma_max,
                      "flow_shift": flow_shift, "lora": lora, "lora_scale": lora_scale, "config_dir": config_dir,
-                     "device": device, "dtype": dtype}  # fmt: skip
+                     "vae": vae, "device": device, "dtype": dtype}  # fmt: skip
         overrides |= {"pag_scale": pag_scale, "pag_layers": pag_layers or None}
         paths = stage.run(load(GenerateConfig, config, overrides))
         console.table("sdxl generate", [(str(p),) for p in paths], ("image",))
@@ -71,6 +72,7 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any)
         base_resolution: Optional[int] = typer.Option(None, help="The training side (unset: from the UNet config)."),
         lora: Optional[Path] = typer.Option(None, help="A LoRA merged into the UNet."),
         config_dir: Optional[Path] = typer.Option(None, help="For a single file: an SDXL diffusers folder."),
+        vae: Optional[Path] = typer.Option(None, help="Decode with this VAE (folder, train-vae run/checkpoint, .safetensors)."),
         device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
         set_: Optional[list[str]] = typer.Option(None, "--set", help="Any config key: --set coherence_scales=[1,2]."),
         config: Optional[Path] = CONFIG_OPT,
@@ -80,7 +82,7 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any)
 
         overrides = {"checkpoint": checkpoint, "out": out, "checks": check or None, "steps": steps, "cfg_scale": cfg,
                      "seeds": seeds or None, "base_resolution": base_resolution, "lora": lora, "config_dir": config_dir,
-                     "device": device}  # fmt: skip
+                     "vae": vae, "device": device}  # fmt: skip
         overrides |= {"pag_scale": pag_scale, "pag_layers": pag_layers or None}
         stage.run(load(EvaluateConfig, config, overrides, parse_sets(set_)))
 

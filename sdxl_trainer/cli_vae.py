@@ -44,6 +44,8 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any,
                                                        help="Write a checkpoint every N updates."),
         resume: Optional[str] = typer.Option(None, help="latest | a run or checkpoint folder."),
         force: Optional[bool] = typer.Option(None, "--force", help="Resume despite a changed batch size, crop or loss."),
+        allow_model_change: Optional[bool] = typer.Option(None, "--allow-model-change", "--allow_model_change",
+                                                          help="Resume although --model's VAE is not the checkpoint's."),
         seed: Optional[int] = typer.Option(None, help="Seed for everything random."),
         device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
         set_: Optional[list[str]] = typer.Option(None, "--set", help="Any config key: --set loss.ssim_weight=0.5 (repeatable)."),
@@ -58,7 +60,7 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any,
             "optimizer.learning_rate": learning_rate, "batch_size": batch_size, "num_steps": num_steps,
             "ema.enabled": ema, "loss.gan_weight": gan_weight, "loss.gan_start_step": gan_start_step,
             "precision": precision, "checkpoints.every_steps": save_checkpoints, "resume": resume,
-            "force": force, "seed": seed, "device": device,
+            "force": force, "allow_model_change": allow_model_change, "seed": seed, "device": device,
         }  # fmt: skip
         cfg = load(VaeTrainConfig, config, overrides, parse_sets(set_))
         with one_writer(cfg.out, "train-vae", force_unlock):

@@ -31,6 +31,9 @@ class SamplingSection(Section):
     lora: Path | None = Field(None, description="a LoRA file (diffusers/PEFT or kohya) merged into the UNet")
     lora_scale: float = Field(1.0, description="LoRA strength")
     config_dir: Path | None = Field(None, description="single file: diffusers SDXL folder with configs and tokenizers")
+    vae: Path | None = Field(None, description="decode with this VAE instead of the checkpoint's: a diffusers "
+                             "AutoencoderKL folder (RUN/checkpoints/step-N/vae of `sdxl train-vae`), a train-vae run "
+                             "or checkpoint folder, or a VAE .safetensors (vae.safetensors)")
     max_chunks: int = Field(3, ge=1, le=8, description="75-token prompt chunks (as the cache was built)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on a GPU, else fp32")

@@ -199,6 +199,9 @@ class TrainConfig(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
     resume: str | None = Field(None, description="latest | a run or checkpoint folder")
     force: bool = Field(False, description="resume even with a changed batch size or objective")
+    vae: Path | None = Field(
+        None, description="export and sample with this VAE instead of --model's (a `sdxl train-vae` run, checkpoint, "
+        "vae/ folder or vae.safetensors); only its decoder may differ from --model's VAE, which made the cache")
     allow_model_change: bool = Field(
         False,
         description="train although the cache, latent_stats.json or the resumed checkpoint was made with other "

@@ -87,6 +87,8 @@ class VaeTrainConfig(Section):
         "refused: the SDXL VAE overflows in fp16)")
     resume: str | None = Field(None, description="latest | a run or checkpoint folder")
     force: bool = Field(False, description="resume even with a changed batch size, crop, latent, loss or discriminator")
+    allow_model_change: bool = Field(
+        False, description="resume from a checkpoint whose base VAE (its fingerprint) differs from --model's")
     batch_size: int = Field(4, ge=1, description="crops per update")
     num_steps: int = Field(1000, ge=1, description="run length in updates")
     crop: int = Field(256, ge=16, description="square training crop in pixels, a multiple of 8 (images smaller are skipped)")

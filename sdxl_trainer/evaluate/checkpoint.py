@@ -23,7 +23,9 @@ from sdxl_trainer.evaluate.source import (
     resolve_checkpoint,
     vae_config_of,
 )
+from sdxl_trainer.models.vae_file import load_vae_any
 from sdxl_trainer.models.loading import load_pipeline_parts, load_scheduler_config, quiet_hf, resolve_dtype
+from sdxl_trainer.train.checkpoint_dir import latest_checkpoint
 from sdxl_trainer.sampling.generator import Generator, geometry, latent_affine, objective_from_info
 
 PART_NAMES = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -95,8 +97,14 @@ def load_generator(
     lora_scale: float = 1.0,
     device: str = "auto",
     dtype: str = "auto",
+    vae: Path | str | None = None,
 ) -> Generator:
-    """Load the checkpoint at ``path`` (any form source.py resolves) into a ready :class:`Generator`."""
+    """Load the checkpoint at ``path`` (any form source.py resolves) into a ready :class:`Generator`.
+
+    ``vae`` replaces the checkpoint's VAE for decoding (models/vae_file.load_vae_any: a diffusers
+    folder, a `sdxl train-vae` run or checkpoint, or a VAE ``.safetensors``); it must have the same
+    architecture. The latent normalisation stays the checkpoint's: it describes the UNet's latents.
+    """
     source = resolve_checkpoint(path)
     dev = resolve_device(device)
     dt = resolve_model_dtype(dtype, dev)
@@ -104,6 +112,8 @@ def load_generator(
     scheduler = load_scheduler_config(source.path) if source.kind != "single_file" else None
     info = read_info(source, vae_config=vae_config_of(source, config_dir), scheduler_config=scheduler)
     parts = _load_parts(source, config_dir, dt)
+    if vae is not None:
+        parts["vae"] = load_vae_any(latest_checkpoint(Path(vae)), like=parts["vae"], dtype=parts["vae"].dtype)
     merged = {}
     for adapter, strength in ((source.lora, 1.0), (lora, lora_scale)):  # the checkpoint's own, then the user's
         if adapter is not None:
@@ -113,8 +123,9 @@ def load_generator(
     shift, scale = latent_affine(info["latent_normalization"])
     described = {"given": str(source.given), "kind": source.kind, "path": str(source.path), "loras": merged,
                  "lora_scale": lora_scale, "origin": info.get("origin"), "dtype": str(dt).removeprefix("torch."),
-                 "device": str(dev)}  # fmt: skip
-    console.info(f"loaded {source.kind} {source.path} ({info['objective']}; settings from {info.get('origin')})")
+                 "device": str(dev), "vae": None if vae is None else str(vae)}  # fmt: skip
+    console.info(f"loaded {source.kind} {source.path} ({info['objective']}; settings from {info.get('origin')})"
+                 + (f"; VAE {vae}" if vae is not None else ""))
     return Generator(
         **parts, objective=objective_from_info(info).to(dev), info=info, latent_shift=shift.to(dev),
         latent_scale=scale.to(dev), **geometry(unet_config=parts["unet"].config, vae_config=parts["vae"].config),

@@ -34,7 +34,7 @@ def run(cfg: Any) -> list[Path]:
     Files are numbered after any already in the folder (``0007-seed3.png``): nothing is overwritten.
     """
     generator = load_generator(cfg.checkpoint, config_dir=cfg.config_dir, lora=cfg.lora, lora_scale=cfg.lora_scale,
-                               device=cfg.device, dtype=cfg.dtype)  # fmt: skip
+                               vae=cfg.vae, device=cfg.device, dtype=cfg.dtype)  # fmt: skip
     width = cfg.width or generator.base_resolution
     height = cfg.height or generator.base_resolution
     options = options_from_config(cfg)

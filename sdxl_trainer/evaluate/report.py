@@ -142,7 +142,7 @@ def write_report(out: Path, header: dict[str, Any], sections: dict[str, tuple[di
 def run(cfg: Any) -> dict[str, Any]:
     """`sdxl evaluate`: load ``cfg.checkpoint``, run ``cfg.checks`` and write ``cfg.out``; returns the metrics."""
     g = load_generator(cfg.checkpoint, config_dir=cfg.config_dir, lora=cfg.lora, lora_scale=cfg.lora_scale,
-                       device=cfg.device, dtype=cfg.dtype)  # fmt: skip
+                       vae=cfg.vae, device=cfg.device, dtype=cfg.dtype)  # fmt: skip
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     opts = options_from_config(cfg)

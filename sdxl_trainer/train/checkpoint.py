@@ -33,7 +33,8 @@ from sdxl_trainer.models import fingerprint
 from sdxl_trainer.diffusion.schedules import NOVELAI_SIGMA_MAX
 from sdxl_trainer.models.comfy_workflow import write_workflow
 from sdxl_trainer.models.export import save_diffusers_pipeline, save_single_file, unwrap_model
-from sdxl_trainer.models.loading import load_text_encoders, load_tokenizers, load_vae
+from sdxl_trainer.models.loading import load_text_encoders, load_tokenizers
+from sdxl_trainer.train.run_vae import load_run_vae
 from sdxl_trainer.models.lora import load_lora_state_dict, lora_state_dict, save_lora_diffusers, save_lora_kohya
 from sdxl_trainer.train.checkpoint_dir import (
     keep_last,
@@ -123,7 +124,7 @@ def _export(folder: Path, cfg: TrainConfig, unet: torch.nn.Module, exports: dict
     # the frozen parts, loaded on the writing rank the first time they are needed (on-the-fly text
     # mode has put its own, maybe trained, encoders and tokenizers there already)
     if "vae" not in exports:
-        exports["vae"] = load_vae(cfg.model)
+        exports["vae"] = load_run_vae(cfg)  # --model's, or --vae (run_vae.py)
     if "text_encoders" not in exports:
         exports.update(tokenizers=load_tokenizers(cfg.model), text_encoders=load_text_encoders(cfg.model))
     te1, te2 = exports["text_encoders"]

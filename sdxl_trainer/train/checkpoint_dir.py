@@ -131,6 +131,18 @@ def read_latest(run_dir: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+def latest_checkpoint(path: Path) -> Path:
+    """A run folder (one with ``checkpoints/``) → its latest checkpoint folder; any other path as given."""
+    path = Path(path).expanduser()
+    if not (path.is_dir() and (path / CHECKPOINTS).is_dir()):
+        return path
+    name = read_latest(path)
+    if name is None:
+        raise UserError("this run has no checkpoint yet", where=str(path / CHECKPOINTS),
+                        fix="wait for the first checkpoint, or pass a checkpoint folder")  # fmt: skip
+    return path / CHECKPOINTS / name
+
+
 def write_checkpoint(run_dir: Path, name: str, writer_fn: Callable[[Path], None]) -> Path:
     """Run ``writer_fn(folder)`` into a temporary folder, then publish it atomically as ``name``.
 

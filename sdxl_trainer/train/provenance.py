@@ -4,6 +4,7 @@
   ``prep cache --verify``'s), a warning for a cache written before checksums;
 - the cache's model fingerprint (VAE, text encoders, tokenizers; the VAE alone with on-the-fly
   text) against ``--model``'s, and latent_stats.json's VAE against the cache's (per-channel only);
+- ``--vae``: its encoder side must be --model's VAE's (run_vae.py);
 - the manifest's ok ids against the cache's ids (plus the ones the cache stage skipped): a rescan
   after images were removed, added or changed needs ``sdxl prep cache`` again.
 
@@ -27,6 +28,7 @@ from sdxl_trainer.config import TrainConfig
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.models import fingerprint
 from sdxl_trainer.schema import read_json, read_table
+from sdxl_trainer.train.run_vae import check_run_vae
 
 CACHE_FIX = "re-encode it with this model: `sdxl prep cache WORK --model MODEL --overwrite`"
 UPDATE_CACHE = "update the cache: `sdxl prep cache WORK --model MODEL` (drops removed images, encodes new ones, keeps the rest)"
@@ -53,6 +55,7 @@ def check_inputs(cfg: TrainConfig, ids_by_group: Mapping[Any, pa.Array]) -> dict
                             fix=CACHE_FIX))  # fmt: skip
     if cfg.latents.normalization == "per_channel":
         _check_stats(cfg, meta.get("model_fingerprint") or current)
+    _warn(check_run_vae(cfg))  # --vae: only its decoder may differ from the VAE that made the cache
     cache_ids = pa.chunked_array(list(ids_by_group.values()), type=pa.string())
     check_manifest(Path(cfg.work) / "manifest.parquet", meta, cache_ids)
     return current

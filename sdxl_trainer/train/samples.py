@@ -44,7 +44,8 @@ from sdxl_trainer import console, dist
 from sdxl_trainer.config import TrainConfig
 from sdxl_trainer.config.samples import SamplesSection
 from sdxl_trainer.models.export import export_info
-from sdxl_trainer.models.loading import load_text_encoders, load_tokenizers, load_vae, read_part_config
+from sdxl_trainer.models.loading import load_text_encoders, load_tokenizers, read_part_config
+from sdxl_trainer.train.run_vae import load_run_vae
 from sdxl_trainer.sampling.black import DEFAULT_PROMPTS, black_image_check
 from sdxl_trainer.sampling.coherence import canvas_side, coherence_check
 from sdxl_trainer.sampling.generator import (
@@ -166,7 +167,7 @@ class SampleRounds:
         unet = g.unet
         was_training = unet.training
         unet.eval()
-        g.vae = load_vae(self.cfg.model, dtype=self.vae_dtype(), device=g.device)  # only for this round
+        g.vae = load_run_vae(self.cfg, dtype=self.vae_dtype(), device=g.device)  # only for this round
         try:
             passes = {"raw": contextlib.nullcontext()}
             if self.ema is not None:

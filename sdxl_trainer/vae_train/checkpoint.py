@@ -6,7 +6,12 @@
 - ``state.safetensors`` + ``state.json`` — counters, optimiser, LR schedule, EMA shadows, run config,
   and with ``loss.gan_weight`` > 0 the discriminator's weights and Adam state;
 - ``vae/`` — the whole finetuned VAE as a diffusers ``AutoencoderKL`` folder (fp32; the EMA decoder
-  with EMA on and ``checkpoints.export_ema``): its encoder is the base model's, bit for bit.
+  with EMA on and ``checkpoints.export_ema``): its encoder is the base model's, bit for bit;
+- ``vae.safetensors`` — the same VAE as one original-layout file (ComfyUI "Load VAE", A1111; fp32;
+  models/vae_file.py), its header naming what it is.
+
+``state.json`` records the base VAE's fingerprint (models/fingerprint.py); a resume with a model
+whose VAE differs is refused unless ``allow_model_change``.
 
 Every file's SHA-256 is recorded in checkpoint.json and checked before a resume (train/integrity.py),
 which reads the same file names as `sdxl train`'s. Randomness needs no saved state (data.py, rng.reseed).
@@ -22,12 +27,21 @@ import torch
 
 from sdxl_trainer import console
 from sdxl_trainer.errors import UserError
+from sdxl_trainer.models import fingerprint
+from sdxl_trainer.models.loading import part_dir
+from sdxl_trainer.models.vae_file import save_vae_file
 from sdxl_trainer.train.checkpoint_dir import flatten_state, keep_last, load_state, load_tensors, save_state, save_tensors, write_checkpoint
 from sdxl_trainer.train.integrity import refuse_non_finite_tensors
 
 # Changing these between a checkpoint and its resume changes what the run is; --force accepts it.
 RESUME_FIXED = ("batch_size", "crop", "latent", "loss", "discriminator")
 TRAINED = ("post_quant_conv.", "decoder.")  # the parameter name prefixes the run trains
+VAE_FILE = "vae.safetensors"
+
+
+def model_fingerprint(cfg: Any) -> dict[str, Any]:
+    """The fingerprint of the VAE the run finetunes (the only part of --model it reads)."""
+    return {"version": fingerprint.VERSION, "parts": {"vae": fingerprint.part_fingerprint(part_dir(cfg.model, "vae"))}}
 
 
 def decoder_state(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -57,17 +71,24 @@ def refuse_non_finite(cfg: Any, parts: dict[str, Any]) -> None:
 def save(cfg: Any, parts: dict[str, Any]) -> Path:
     """One atomic checkpoint folder: the resume state plus the diffusers VAE folder."""
     vae, ema, state = parts["vae"], parts["ema"], parts["state"]
+    base_fp = model_fingerprint(cfg)
 
     def write(folder: Path) -> None:
         save_tensors(folder / "trainable.safetensors", decoder_state(vae))
         save_state(folder, "state", {
             "train": state.state_dict(), "optimizer": parts["optimizer"].state_dict(),
             "schedule": parts["schedule"].state_dict(), "ema": None if ema is None else ema.state_dict(),
-            "config": cfg.model_dump(mode="json"),
+            "config": cfg.model_dump(mode="json"), "model_fingerprint": base_fp,
             "discriminator": None if parts.get("adversary") is None else parts["adversary"].state_dict(),
         })  # fmt: skip
         with exported_weights(cfg, parts):
             vae.save_pretrained(folder / "vae", safe_serialization=True)
+            save_vae_file(folder / VAE_FILE, vae, metadata={
+                "sdxl_trainer.trained": "decoder (post_quant_conv, decoder); encoder and quant_conv are the base's",
+                "sdxl_trainer.step": str(state.step), "sdxl_trainer.ema": str(parts["ema"] is not None
+                                                                              and cfg.checkpoints.export_ema).lower(),
+                "sdxl_trainer.base_vae_fingerprint": base_fp["parts"]["vae"],
+            })  # fmt: skip
 
     folder = write_checkpoint(Path(cfg.out), f"step-{state.step:06d}", write)
     if cfg.checkpoints.keep_last:
@@ -85,6 +106,11 @@ def exported_weights(cfg: Any, parts: dict[str, Any]) -> contextlib.AbstractCont
 def resume(cfg: Any, parts: dict[str, Any], folder: Path) -> None:
     """Every part's state from ``folder`` (verified by integrity.check_resume before anything was loaded)."""
     state = load_state(folder, "state")
+    warning = fingerprint.check(state.get("model_fingerprint"), model_fingerprint(cfg), parts=("vae",),
+                                what="the checkpoint", where=str(folder), model=str(cfg.model),
+                                allow=cfg.allow_model_change, fix="resume with the checkpoint's --model")  # fmt: skip
+    if warning:
+        console.info(f"[yellow]warning: {warning}[/]")
     load_decoder_state(parts["vae"], load_tensors(folder / "trainable.safetensors"))
     parts["optimizer"].load_state_dict(state["optimizer"])
     parts["schedule"].load_state_dict(state["schedule"], strict=not cfg.force)
