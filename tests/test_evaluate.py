@@ -94,6 +94,11 @@ def test_black_and_coherence_tables_agree_with_metrics(evaluated):
     assert metrics["black"]["black"]["mean"] == pytest.approx(sum(black) / 2)
     b = metrics["black"]
     assert b["separation"] == pytest.approx(b["white"]["mean"] - b["black"]["mean"])
+    # v_ztsnr: the black check again from ComfyUI's zero-SNR start (last ᾱ 4.897e-8 → σ ≈ 4,519)
+    comfy = b["comfyui_zsnr"]
+    assert comfy["sigma_max"] == pytest.approx(4518.8, abs=0.5)
+    assert comfy["black_difference"] == pytest.approx(comfy["black"] - b["black"]["mean"])
+    assert 0.0 <= comfy["black"] <= 1.0 and 0.0 <= comfy["white"] <= 1.0
     coh = read_csv(out / "coherence.csv")
     canvases = {(float(r["scale"]), r["mode"], int(r["width"])) for r in coh}
     assert canvases == {(1.0, "trained", 32), (2.0, "trained", 64), (2.0, "scaled", 64)}

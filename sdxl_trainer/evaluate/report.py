@@ -44,7 +44,36 @@ def _black(g: Generator, cfg: Any, out: Path, opts: SamplingOptions, base: int) 
         f"that starts sampling at σ_max = 14.6 reads the noise's mean as the image's and tends to mid-grey "
         f"(docs/diffusion.md §7); this checkpoint started at level {g.objective.sigma_max:g} ({g.info['objective']})."
     )
+    comfy = _black_at_comfyui_zsnr(g, cfg, opts, base, prompts, trained=metrics)
+    if comfy is not None:
+        metrics["comfyui_zsnr"] = comfy
+        text += (f" Sampled as ComfyUI's `ModelSamplingDiscrete` zsnr mode samples it — from σ_max = "
+                 f"{comfy['sigma_max']:.0f} instead of {g.objective.sigma_max:g} — black {comfy['black']:.3f} and white "
+                 f"{comfy['white']:.3f} (difference to the trained start: black {comfy['black_difference']:+.3f}, "
+                 f"white {comfy['white_difference']:+.3f}).")  # fmt: skip
     return metrics, text, figures
+
+
+# ComfyUI's zero-SNR table (comfy_extras/nodes_model_advanced.py) sets the last ᾱ to 4.8973451890853435e-08
+# instead of 0, so its sampling starts at σ = √((1 − ᾱ)/ᾱ) ≈ 4,519, not the 20,000 NovelAI train at.
+COMFYUI_ZSNR_ALPHA_BAR = 4.8973451890853435e-08
+COMFYUI_ZSNR_SIGMA_MAX = ((1 - COMFYUI_ZSNR_ALPHA_BAR) / COMFYUI_ZSNR_ALPHA_BAR) ** 0.5
+
+
+def _black_at_comfyui_zsnr(g: Generator, cfg: Any, opts: SamplingOptions, base: int, prompts: dict, *,
+                           trained: dict) -> dict | None:
+    """For a v_ztsnr model on the Karras schedule: the black/white means when sampling starts at ComfyUI's
+    zero-SNR σ_max, and their difference to the trained start (None for other models and schedules)."""
+    import dataclasses
+
+    if g.info.get("objective") != "v_ztsnr" or opts.schedule not in ("auto", "karras") or opts.sigma_max is not None:
+        return None
+    at = dataclasses.replace(opts, sigma_max=COMFYUI_ZSNR_SIGMA_MAX)
+    m, _, _ = black_image_check(g, seeds=list(cfg.seeds), prompts=prompts, width=base, height=base, options=at,
+                                negative=cfg.negative)  # fmt: skip
+    return {"sigma_max": COMFYUI_ZSNR_SIGMA_MAX, "black": m["black"]["mean"], "white": m["white"]["mean"],
+            "separation": m["separation"], "black_difference": m["black"]["mean"] - trained["black"]["mean"],
+            "white_difference": m["white"]["mean"] - trained["white"]["mean"]}  # fmt: skip
 
 
 def _coherence(g: Generator, cfg: Any, out: Path, opts: SamplingOptions, base: int) -> tuple[dict, str, list[str]]:
