@@ -63,7 +63,7 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], CONFIG_OPT: Any)
     def evaluate(
         checkpoint: Path = typer.Argument(..., help="Run, checkpoint or diffusers folder, or a single .safetensors."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (report.md, metrics.json, PNGs)."),
-        check: Optional[list[str]] = typer.Option(None, "--check", help="black | coherence | schedules | progressive (repeatable)."),
+        check: Optional[list[str]] = typer.Option(None, "--check", help="black | coherence | schedules | progressive | extras (repeatable)."),
         steps: Optional[int] = typer.Option(None, help="Sampling steps of every image."),
         cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale."),
         pag_scale: Optional[float] = typer.Option(None, help="Perturbed-attention guidance scale (0 = off)."),

@@ -226,3 +226,19 @@ def test_evaluate_a_run_of_the_trainer(trained_runs, tmp_path):
     assert all(math.isfinite(x) for x in _numbers(metrics["black"]))
     g = load_generator(root / "lora", device="cpu", dtype="fp32")
     assert g.source["kind"] == "lora" and g.flow_shift == 2.0 and len(g.source["loras"]) == 1
+
+
+def test_extras_report_what_beta_and_pag_change(ckpts, tmp_path):
+    """`--checks extras`: the black and coherence sets again with the beta schedule and with PAG, the
+    differences in report.md, every number in sampling_extras.csv (issue #16)."""
+    out = tmp_path / "extras"
+    metrics = report.run(_short(ckpts["flow"], out, checks=["black", "extras"], coherence_seeds=[0],
+                                coherence_scales=[1.0]))  # fmt: skip
+    v = metrics["extras"]["variants"]
+    assert set(v) == {"configured", "beta", "pag"}
+    assert v["beta"]["schedule"] == "beta" and v["pag"]["pag_scale"] == 3.0 and v["configured"]["pag_scale"] == 0
+    assert v["configured"]["black"] == pytest.approx(metrics["black"]["black"]["mean"])  # same settings, same images
+    assert v["beta"]["black"] != v["configured"]["black"] and v["pag"]["black"] != v["configured"]["black"]
+    rows = read_csv(out / "sampling_extras.csv")
+    assert [r["variant"] for r in rows] == ["configured", "beta", "pag"] and "coherence_1x_trained" in rows[0]
+    assert "Sampling extras" in (out / "report.md").read_text() and "PAG 3" in (out / "report.md").read_text()

@@ -75,8 +75,10 @@ class EvaluateConfig(SamplingSection):
 
     checkpoint: Path = Field(..., description="run folder, checkpoint folder, diffusers folder or single file")
     out: Path = Field(..., description="report folder: report.md, metrics.json, PNGs with their CSVs")
-    checks: list[Literal["black", "coherence", "schedules", "progressive"]] = ["black", "coherence", "schedules",
-                                                                              "progressive"]  # fmt: skip
+    checks: list[Literal["black", "coherence", "schedules", "progressive", "extras"]] = Field(
+        ["black", "coherence", "schedules", "progressive"],
+        description="extras (opt-in): black and coherence again with the beta schedule and with PAG",
+    )
     base_resolution: int | None = Field(None, gt=0, description="the training side; unset: UNet sample_size × 8")
     black_prompt: str = Field("solid color, black background, no humans", description="asks for solid black")
     white_prompt: str = Field("solid color, white background, no humans", description="asks for solid white")

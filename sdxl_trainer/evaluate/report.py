@@ -13,6 +13,7 @@ from typing import Any
 
 from sdxl_trainer import console
 from sdxl_trainer.evaluate.black import write_black_artifacts
+from sdxl_trainer.evaluate.extras import extras_check
 from sdxl_trainer.evaluate.checkpoint import load_generator
 from sdxl_trainer.evaluate.coherence import write_coherence_artifacts
 from sdxl_trainer.evaluate.generate import options_from_config
@@ -128,9 +129,10 @@ def _progressive(g: Generator, cfg: Any, out: Path, opts: SamplingOptions, base:
     return metrics, text, figures
 
 
-CHECKS = {"black": _black, "coherence": _coherence, "schedules": _schedules, "progressive": _progressive}
+CHECKS = {"black": _black, "coherence": _coherence, "schedules": _schedules, "progressive": _progressive,
+          "extras": extras_check}
 TITLES = {"black": "Black image", "coherence": "High-resolution coherence", "schedules": "Schedules",
-          "progressive": "Progressive denoising"}  # fmt: skip
+          "progressive": "Progressive denoising", "extras": "Sampling extras (beta schedule, PAG)"}  # fmt: skip
 
 
 def _header(g: Generator, cfg: Any, opts: SamplingOptions, base: int) -> dict[str, Any]:
