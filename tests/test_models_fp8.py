@@ -343,7 +343,7 @@ def test_a_merged_fp8_run_uses_the_model_folders_weights(runs, tiny_model_dir):
     assert not torch.equal(merged["conv_in.weight"], rounded)
     adapter = load_file(ckpt / "lora" / "pytorch_lora_weights.safetensors")  # exported in fp16, as merged
     name = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
-    up, down = (adapter[f"unet.{name}.lora.{x}.weight"].float() for x in ("up", "down"))
+    up, down = (adapter[f"unet.{name}.lora_{x}.weight"].float() for x in ("B", "A"))  # peft names: B up, A down
     delta = (16.0 / 4) * up @ down  # alpha (default 16) / rank 4
     assert delta.abs().max() > 0
     torch.testing.assert_close(merged[f"{name}.weight"], base[f"{name}.weight"] + delta, rtol=0, atol=1e-6)
