@@ -7,6 +7,7 @@ clear :class:`~sdxl_trainer.errors.UserError` with a "did you mean" suggestion f
 
 from __future__ import annotations
 
+import copy
 import difflib
 import tomllib
 from pathlib import Path
@@ -153,7 +154,14 @@ def load_config(
     so that a validation error blames the option that gave the bad value, not the config file;
     ``options`` names the flag of every key that has one, for the "did you mean" of an unknown key.
     """
-    data = read_config_file(file) if file else {}
+    return _validate(cls, read_config_file(file) if file else {}, overrides, file=file, flags=flags, options=options)
+
+
+def _validate(
+    cls: type[C], data: dict[str, Any], overrides: dict[str, Any] | None, *, file: Path | None,
+    flags: Mapping[str, str] | None = None, options: Mapping[str, str] | None = None,
+) -> C:
+    """``data`` with the set ``overrides`` (dotted keys) applied, validated; a failure is one UserError."""
     given = set()
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -171,16 +179,9 @@ def load_section(
 ) -> C:
     """Like :func:`load_config`, from one section of an already read file (``sdxl train --prep-config``);
     an error names the file and the section."""
-    merged = dict(data)
-    given = set()
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(merged, key, value)
-            given.add(key)
     try:
-        return cls.model_validate(merged)
-    except ValidationError as e:
-        err = _explain(cls, e, Path(file) if file else None, given, {})
+        return _validate(cls, copy.deepcopy(dict(data)), overrides, file=file)  # the file's dict stays as read
+    except UserError as err:
         raise UserError(f"section {section}: {err.what}", where=err.where, fix=err.fix) from None
 
 
