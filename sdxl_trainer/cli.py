@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
 
 from sdxl_trainer import __version__, cli_help, cli_inference, cli_options, cli_publish, cli_train, cli_vae, console, disk, locks
-from sdxl_trainer.cli_options import load, parse_sets
+from sdxl_trainer.cli_options import load
 from sdxl_trainer.config import (CacheConfig, EvaluateConfig, GenerateConfig, ScanConfig, StatsConfig, TrainConfig,
                                  VaeTrainConfig, WeightsConfig)
 from sdxl_trainer.errors import UserError
@@ -67,11 +65,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@contextlib.contextmanager
-def one_writer(folder: Path, stage: str, force_unlock: bool) -> Iterator[None]:
-    """The stage's lock on the folder it writes (docs/reliability.md); OS write errors there → one line."""
-    with disk.writing_to(folder), locks.hold(folder, stage, force=force_unlock):
-        yield
+one_writer = disk.one_writer  # the stage's lock on the folder it writes; OS write errors there → one line
 
 
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML or TOML config; flags override it.")

@@ -22,6 +22,7 @@ from pathlib import Path
 from sdxl_trainer.console import format_bytes
 from sdxl_trainer.errors import UserError
 from sdxl_trainer.locks import PREFIX as LOCK_PREFIX
+from sdxl_trainer.locks import hold
 
 NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
 NOT_WRITABLE = {errno.EROFS: "read-only filesystem", errno.EACCES: "permission denied",
@@ -125,3 +126,11 @@ def writing_to(folder: Path) -> Iterator[None]:
         if err is None:
             raise
         raise err from e
+
+
+@contextmanager
+def one_writer(folder: Path, stage: str, force_unlock: bool = False) -> Iterator[None]:
+    """A writing stage's lock on its folder (locks.hold, docs/reliability.md) inside :func:`writing_to`:
+    what the staged commands (cli.py) and the one-command path (pipeline.py) run each stage in."""
+    with writing_to(folder), hold(folder, stage, force=force_unlock):
+        yield

@@ -33,7 +33,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sdxl_trainer import console, disk, locks
+from sdxl_trainer import console, disk
 from sdxl_trainer.config import CacheConfig, ScanConfig, StatsConfig, TrainConfig, VaeTrainConfig, WeightsConfig
 from sdxl_trainer.config import load_section, read_config_file
 from sdxl_trainer.errors import UserError
@@ -167,16 +167,6 @@ def _record(work: Path, name: str, digest: str) -> None:
     write_json({"stages": stages}, work / STATE, artifact="pipeline_state", config={})
 
 
-def _held(folder: Path, stage: str, force: bool):
-    """The staged command's lock and disk-error handling around one stage."""
-    import contextlib
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(disk.writing_to(folder))
-    stack.enter_context(locks.hold(folder, stage, force=force))
-    return stack
-
-
 def _damaged(name: str, work: Path) -> str | None:
     """Why a stage's recorded artifact cannot be used as it is (missing, damaged), or None."""
     from sdxl_trainer.cache_format import read_meta
@@ -207,7 +197,7 @@ def _prep_stage(name: str, stage_cfg: Any, work: Path, number: str, force_unlock
             return "current"
         console.info(f"[yellow]{problem}: running prep {name} again[/]")
     console.info(f"── {number} prep {name} → {work / ARTIFACT[name]}")
-    with _held(work, f"prep {name}", force_unlock):
+    with disk.one_writer(work, f"prep {name}", force_unlock):
         {"stats": stats.run, "cache": cache.run, "weights": weights.run}[name](stage_cfg)
         _record(work, name, digest)
     return "ran"
@@ -228,7 +218,7 @@ def _vae_stage(vae_cfg: VaeTrainConfig, number: str, force_unlock: bool) -> tupl
         console.info(f"{out} has checkpoint {latest}: resuming from it")
         vae_cfg = vae_cfg.model_copy(update={"resume": "latest"})
     console.info(f"── {number} train-vae → {out}")
-    with _held(out, "train-vae", force_unlock):
+    with disk.one_writer(out, "train-vae", force_unlock):
         summary = vae_loop.run(vae_cfg)
     return "ran", Path(summary["checkpoint"]) / "vae"
 
@@ -251,7 +241,7 @@ def run(src: DataSource, cfg: TrainConfig) -> dict[str, Any]:
     total = first + len(wanted)
     done: dict[str, str] = {}
     console.info(f"── 1/{total} prep scan → {work / 'manifest.parquet'}")
-    with _held(work, "prep scan", src.force_unlock):
+    with disk.one_writer(work, "prep scan", src.force_unlock):
         scan.run(configs["scan"])
     done["scan"] = "ran"
     extra: dict[str, Any] = {}
@@ -265,7 +255,7 @@ def run(src: DataSource, cfg: TrainConfig) -> dict[str, Any]:
         console.info(f"{cfg.out} has checkpoint {latest}: resuming from it (a new run needs another --out)")
         cfg = cfg.model_copy(update={"resume": "latest"})
     console.info(f"── {total}/{total} train → {cfg.out}")
-    with _held(Path(cfg.out), "train", src.force_unlock):
+    with disk.one_writer(Path(cfg.out), "train", src.force_unlock):
         summary = loop.run(cfg)
     if latest is not None and summary.get("checkpoint") is None:
         console.info(f"the run in {cfg.out} had already reached its length ({summary['steps']} updates): nothing "
